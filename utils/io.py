@@ -1,0 +1,109 @@
+"""Small file helpers shared by every tool: atomic writes, the VOC palette, label PNGs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the same folder; it replaces ``path`` only if the block finishes.
+
+    A crash (or SIGKILL) mid-write leaves the previous file intact and at most a stray ``.tmp`` file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def voc_palette(num_entries: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: ``[num_entries, 3]`` uint8, entry 255 is the void colour (224, 224, 192)."""
+    palette = np.zeros((num_entries, 3), dtype=np.uint8)
+    for index in range(num_entries):
+        value, r, g, b = index, 0, 0, 0
+        for bit in range(8):
+            r |= ((value >> 0) & 1) << (7 - bit)
+            g |= ((value >> 1) & 1) << (7 - bit)
+            b |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette[index] = (r, g, b)
+    return palette
+
+
+def label_to_png_bytes(label: np.ndarray, palette: bool = True) -> bytes:
+    """Encode an ``[H, W]`` label map (values 0..255) as a PNG, as a palette image when ``palette``."""
+    if label.ndim != 2:
+        raise ValueError(f"label map must be [H, W], got shape {label.shape}")
+    if label.min(initial=0) < 0 or label.max(initial=0) > 255:
+        raise ValueError(f"label values must lie in 0..255, got {label.min()}..{label.max()}")
+    image = Image.fromarray(label.astype(np.uint8), mode="L" if not palette else "P")
+    if palette:
+        image.putpalette(voc_palette().flatten().tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_label_png(path: str | os.PathLike, label: np.ndarray, palette: bool = True) -> None:
+    """Atomically write an ``[H, W]`` label map as a (palette) PNG."""
+    atomic_write_bytes(path, label_to_png_bytes(label, palette=palette))
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a label PNG (palette or grey) as ``[H, W]`` uint8 class indices; errors name the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise ValueError(f"label PNG {path} has mode {image.mode!r}; expected a palette ('P') or grey ('L') image")
+            return np.array(image, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"label file not found: {path}") from None
+    except OSError as err:
+        raise OSError(f"cannot read label file {path}: {err}") from err
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as ``[H, W, 3]`` uint8 RGB; a missing or corrupt file raises an error naming it."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except OSError as err:
+        raise OSError(f"cannot decode image {path} (corrupt or not an image): {err}") from err
