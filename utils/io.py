@@ -34,11 +34,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -88,7 +87,9 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as image:
             if image.mode not in ("P", "L"):
-                raise ValueError(f"label PNG {path} has mode {image.mode!r}; expected a palette ('P') or grey ('L') image")
+                raise ValueError(
+                    f"label PNG {path} has mode {image.mode!r}; expected a palette ('P') or grey ('L') image"
+                )
             return np.array(image, dtype=np.uint8)
     except FileNotFoundError:
         raise FileNotFoundError(f"label file not found: {path}") from None
