@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -50,6 +51,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def voc_palette(num_entries: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map: ``[num_entries, 3]`` uint8, entry 255 is the void colour (224, 224, 192)."""
+    return _voc_palette(num_entries).copy()
+
+
+@functools.cache
+def _voc_palette(num_entries: int) -> np.ndarray:
     palette = np.zeros((num_entries, 3), dtype=np.uint8)
     for index in range(num_entries):
         value, r, g, b = index, 0, 0, 0
@@ -62,6 +68,11 @@ def voc_palette(num_entries: int = 256) -> np.ndarray:
     return palette
 
 
+@functools.cache
+def _palette_list() -> list[int]:
+    return voc_palette().flatten().tolist()
+
+
 def label_to_png_bytes(label: np.ndarray, palette: bool = True) -> bytes:
     """Encode an ``[H, W]`` label map (values 0..255) as a PNG, as a palette image when ``palette``."""
     if label.ndim != 2:
@@ -70,7 +81,7 @@ def label_to_png_bytes(label: np.ndarray, palette: bool = True) -> bytes:
         raise ValueError(f"label values must lie in 0..255, got {label.min()}..{label.max()}")
     image = Image.fromarray(label.astype(np.uint8), mode="L" if not palette else "P")
     if palette:
-        image.putpalette(voc_palette().flatten().tolist())
+        image.putpalette(_palette_list())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

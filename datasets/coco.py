@@ -1,0 +1,62 @@
+"""MS-COCO 2014 layout (SPEC §7): ``data.root`` = ``.../MSCOCO`` with VOC-style PNG masks 0..80 (255 = ignore).
+
+Masks and split lists are generated from the official instances JSON by ``python -m tools.prepare_coco``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from datasets.base import Layout, scan_ids
+from datasets.classes import COCO_CLASSES
+
+# The fixed in-training validation subset of val2014 (SPEC §7): VAL_PART_SIZE ids drawn with VAL_PART_SEED.
+VAL_PART_SIZE = 5000
+VAL_PART_SEED = 0
+
+
+def val_part_ids(ids: Sequence[str], size: int = VAL_PART_SIZE, seed: int = VAL_PART_SEED) -> list[str]:
+    """The fixed validation subset: ``size`` ids drawn with ``seed`` from the sorted ``ids``, returned sorted
+    (all of them when there are no more than ``size``)."""
+    ordered = sorted(ids)
+    if len(ordered) <= size:
+        return ordered
+    picks = np.random.default_rng(seed).choice(len(ordered), size=size, replace=False)
+    return sorted(ordered[int(i)] for i in picks)
+
+
+def derive_coco_ids(layout: Layout, root: Path, split: str) -> list[str] | None:
+    """train / val = the images of the split folder that have a mask; val_part = :func:`val_part_ids` of val.
+
+    Only images with at least one annotation get a mask from tools/prepare_coco.py (82,081 of 82,783 train
+    images); the others have no image label, so they cannot be trained on and are left out, as in its lists.
+    """
+    if split not in layout.split_folders:
+        return None
+    mask_dir = layout.mask_folders(root, split)[0]
+    if not mask_dir.is_dir():
+        raise FileNotFoundError(
+            f"cannot derive split {split!r}: mask folder {mask_dir} not found; run `python -m tools.prepare_coco "
+            f"{root}` to build the masks and lists (expected layout {layout.description})"
+        )
+    ids = sorted(scan_ids(layout.image_folder(root, split), layout.image_ext) & scan_ids(mask_dir, ".png"))
+    return val_part_ids(ids) if split == "val_part" else ids
+
+
+COCO_LAYOUT = Layout(
+    name="coco",
+    description=(
+        "MSCOCO/{coco2014/{train2014,val2014}/<id>.jpg, SegmentationClass/{train2014,val2014}/<id>.png, "
+        "ImageSets/<split>.txt}"
+    ),
+    image_dir="coco2014/{folder}",
+    mask_dirs=("SegmentationClass/{folder}",),
+    list_file="ImageSets/{split}.txt",
+    class_names=COCO_CLASSES,
+    split_folders={"train": "train2014", "val": "val2014", "val_part": "val2014"},
+    derive_ids=derive_coco_ids,
+    expected_counts={"train": 82081, "val": 40137, "val_part": 5000},
+)

@@ -1,0 +1,437 @@
+"""Dataset readers (datasets/base.py, voc.py, coco.py, build_dataset): items, labels, split lists, cache, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+import datasets
+import datasets.base as base
+from datasets import LAYOUTS, build_dataset, collate_eval
+from utils.config import load_config
+from utils.io import read_label_png, save_label_png
+
+CROP = 48
+
+
+def make_cfg(root: Path | str, run_dir: Path, *overrides: str, name: str = "voc", require: bool = True) -> DictConfig:
+    num_classes = 21 if name == "voc" else 81
+    return load_config(
+        None,
+        [
+            f"data.name={name}",
+            f"data.num_classes={num_classes}",
+            f"data.root={root}",
+            f"run.out_dir={run_dir}",
+            f"data.crop_size={CROP}",
+            "data.num_workers=0",
+            *overrides,
+        ],
+        require=require,
+    )
+
+
+def mask_label(path: Path, num_fg: int) -> np.ndarray:
+    """The expected multi-hot label of a mask, computed independently of the reader: unique values minus 0 and 255."""
+    values = set(np.unique(read_label_png(path)).tolist()) - {0, 255}
+    label = np.zeros(num_fg, dtype=np.float32)
+    label[[v - 1 for v in values]] = 1.0
+    return label
+
+
+def voc_mask_path(root: Path, name: str) -> Path:
+    official = root / "SegmentationClass" / f"{name}.png"
+    return official if official.is_file() else root / "SegmentationClassAug" / f"{name}.png"
+
+
+def read_list(root: Path, split: str) -> list[str]:
+    return (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+
+
+@pytest.fixture
+def voc_copy(voc_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the synthetic VOC tree that a test may damage."""
+    return Path(shutil.copytree(voc_root, tmp_path / "VOC2012")).resolve()
+
+
+# ---------------------------------------------------------------------------------------------------------- contract
+
+
+def test_datasets_package_is_ours() -> None:
+    # A PyPI package named `datasets` must not shadow this one.
+    assert Path(datasets.__file__).resolve().parent == Path(__file__).resolve().parent.parent / "datasets"
+
+
+def test_train_items_follow_the_contract(voc_root: Path, tmp_path: Path) -> None:
+    ds = build_dataset(make_cfg(voc_root, tmp_path, "data.max_images=6"), "train_aug", "train")
+    assert len(ds) == 6
+    for index in range(len(ds)):
+        item = ds[index]
+        assert set(item) == {"img", "g2", "img_box", "label", "name"}
+        assert item["img"].shape == (3, CROP, CROP) and item["img"].dtype == torch.uint8
+        assert item["g2"].shape == (3, CROP, CROP) and item["g2"].dtype == torch.uint8
+        assert item["img_box"].shape == (4,) and item["img_box"].dtype == torch.int64
+        assert item["label"].shape == (20,) and item["label"].dtype == torch.float32
+        y0, y1, x0, x1 = item["img_box"].tolist()
+        assert 0 <= y0 < y1 <= CROP and 0 <= x0 < x1 <= CROP
+        outside = torch.ones(CROP, CROP, dtype=torch.bool)
+        outside[y0:y1, x0:x1] = False
+        assert (item["img"][:, outside] == 0).all()
+        np.testing.assert_array_equal(item["label"].numpy(), mask_label(voc_mask_path(voc_root, item["name"]), 20))
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    assert batch["img"].shape == (2, 3, CROP, CROP)
+
+
+def test_labels_equal_mask_classes_for_every_image(voc_root: Path, tmp_path: Path) -> None:
+    for split in ("train_aug", "val"):
+        ds = build_dataset(make_cfg(voc_root, tmp_path), split, "eval")
+        assert ds.ids == read_list(voc_root, split)
+        expected = np.stack([mask_label(voc_mask_path(voc_root, name), 20) for name in ds.ids])
+        np.testing.assert_array_equal(ds.labels, expected)
+        assert expected.sum(1).min() >= 1  # every synthetic image shows an object, so the check is not vacuous
+
+
+def test_eval_items_have_image_and_mask_of_equal_size(voc_root: Path, tmp_path: Path) -> None:
+    ds = build_dataset(make_cfg(voc_root, tmp_path, "data.max_images=4"), "val", "eval")
+    for index in range(len(ds)):
+        item = ds[index]
+        assert item["img"].dtype == torch.uint8 and item["mask"].dtype == torch.int64
+        assert item["img"].shape[1:] == item["mask"].shape
+        image = np.asarray(Image.open(voc_root / "JPEGImages" / f"{item['name']}.jpg").convert("RGB"))
+        np.testing.assert_array_equal(item["img"].permute(1, 2, 0).numpy(), image)  # full resolution, untouched
+        mask = read_label_png(voc_mask_path(voc_root, item["name"]))
+        np.testing.assert_array_equal(item["mask"].numpy(), mask)
+
+
+def test_eval_items_stay_at_full_resolution_whatever_eval_resize(voc_root: Path, tmp_path: Path) -> None:
+    # eval.resize is applied by inference, which upsamples its prediction back: metrics use the original masks.
+    plain = build_dataset(make_cfg(voc_root, tmp_path, "data.max_images=2"), "val", "eval")
+    resized = build_dataset(make_cfg(voc_root, tmp_path, "data.max_images=2", "eval.resize=64"), "val", "eval")
+    for index in range(len(plain)):
+        assert torch.equal(plain[index]["img"], resized[index]["img"])
+        assert torch.equal(plain[index]["mask"], resized[index]["mask"])
+
+
+def test_sampler_seed_key_fixes_the_crop(voc_root: Path, tmp_path: Path) -> None:
+    ds = build_dataset(make_cfg(voc_root, tmp_path, "data.max_images=3"), "train_aug", "train")
+    first, again, other = ds[(1, 123)], ds[(1, 123)], ds[(1, 124)]
+    assert all(torch.equal(first[k], again[k]) for k in ("img", "g2", "img_box"))
+    assert not torch.equal(first["img"], other["img"]) or not torch.equal(first["g2"], other["g2"])
+    assert first["name"] == ds.ids[1]
+
+
+def test_collate_eval_keeps_variable_sizes_as_lists(voc_root: Path, tmp_path: Path) -> None:
+    ds = build_dataset(make_cfg(voc_root, tmp_path, "data.max_images=3"), "val", "eval")
+    batch = collate_eval([ds[0], ds[1], ds[2]])
+    assert set(batch) == {"img", "mask", "label", "name"}
+    assert batch["name"] == ds.ids[:3]
+    assert [t.shape[1:] for t in batch["img"]] == [t.shape for t in batch["mask"]]
+    with pytest.raises(ValueError, match="differ in keys"):
+        collate_eval([ds[0], {"img": ds[1]["img"], "name": "x"}])
+
+
+def test_same_seed_gives_the_same_crops(voc_root: Path, tmp_path: Path) -> None:
+    ds = build_dataset(make_cfg(voc_root, tmp_path, "data.max_images=2"), "train_aug", "train")
+
+    def draw(seed: int) -> dict:
+        torch.manual_seed(seed)
+        return ds[0]
+
+    first, again, other = draw(0), draw(0), draw(1)
+    for key in ("img", "g2", "img_box"):
+        assert torch.equal(first[key], again[key])
+    assert not (torch.equal(first["img"], other["img"]) and torch.equal(first["g2"], other["g2"]))
+
+
+def test_max_images_caps_the_split(voc_root: Path, tmp_path: Path) -> None:
+    ds = build_dataset(make_cfg(voc_root, tmp_path, "data.max_images=3"), "val", "eval")
+    assert ds.ids == read_list(voc_root, "val")[:3]
+
+
+# ---------------------------------------------------------------------------------------------- lists and labels
+
+
+def test_train_aug_is_derived_as_aug_ids_minus_val(voc_copy: Path, tmp_path: Path) -> None:
+    (voc_copy / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    aug = {p.stem for p in (voc_copy / "SegmentationClassAug").glob("*.png")}
+    val = set(read_list(voc_copy, "val"))
+    assert val and val <= aug  # the synthetic aug folder holds val masks too, so the subtraction matters
+    ds = build_dataset(make_cfg(voc_copy, tmp_path / "run"), "train_aug", "train")
+    assert ds.ids == sorted(aug - val)
+    cached = json.loads((tmp_path / "run" / "cache" / "voc_train_aug.json").read_text())
+    assert cached["ids"] == ds.ids and cached["key"]["list"] == "derived"
+
+
+def test_list_dir_overrides_the_layout_list(voc_root: Path, tmp_path: Path) -> None:
+    chosen = read_list(voc_root, "val")[::2]
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "val.txt").write_text("\n".join(chosen) + "\n")
+    ds = build_dataset(make_cfg(voc_root, tmp_path, f"data.list_dir={tmp_path / 'lists'}"), "val", "eval")
+    assert ds.ids == chosen
+
+
+def test_deeplab_style_list_lines_are_read(voc_root: Path, tmp_path: Path) -> None:
+    names = read_list(voc_root, "val")[:2]
+    (tmp_path / "lists").mkdir()
+    lines = [f"/JPEGImages/{n}.jpg /SegmentationClassAug/{n}.png" for n in names]
+    (tmp_path / "lists" / "val.txt").write_text("\n".join(lines) + "\n\n")
+    ds = build_dataset(make_cfg(voc_root, tmp_path, f"data.list_dir={tmp_path / 'lists'}"), "val", "eval")
+    assert ds.ids == names
+
+
+def test_labels_fall_back_to_annotation_xml_without_masks(voc_copy: Path, tmp_path: Path) -> None:
+    name = read_list(voc_copy, "train_aug")[0]
+    for folder in ("SegmentationClass", "SegmentationClassAug"):
+        (voc_copy / folder / f"{name}.png").unlink(missing_ok=True)
+    # Known answer: objects "dog" (12) twice and "person" (15) -> label indices 11 and 14.
+    xml = "<annotation>" + "".join(f"<object><name>{n}</name></object>" for n in ("dog", "person", "dog"))
+    (voc_copy / "Annotations" / f"{name}.xml").write_text(xml + "</annotation>")
+    ds = build_dataset(make_cfg(voc_copy, tmp_path, "data.max_images=2"), "train_aug", "train")
+    assert ds.ids[0] == name
+    assert np.flatnonzero(ds.labels[0]).tolist() == [11, 14]
+    # Without masks or XML a training image has no label at all: that must be an error naming the id.
+    (voc_copy / "Annotations" / f"{name}.xml").unlink()
+    with pytest.raises(FileNotFoundError, match=name):
+        build_dataset(make_cfg(voc_copy, tmp_path / "other"), "train_aug", "train")
+
+
+# --------------------------------------------------------------------------------------------------------- cache
+
+
+def count_mask_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every label PNG the dataset code opens (labels are derived in-process for small splits)."""
+    calls: list[str] = []
+
+    def counting(path: Path) -> np.ndarray:
+        calls.append(str(path))
+        return read_label_png(path)
+
+    monkeypatch.setattr(base, "read_label_png", counting)
+    return calls
+
+
+def test_cache_is_reused_and_rebuilt_for_another_root(
+    voc_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_mask_reads(monkeypatch)
+    cfg = make_cfg(voc_root, tmp_path / "run")
+    first = build_dataset(cfg, "train_aug", "train")
+    assert len(calls) == len(first)
+    cache_file = tmp_path / "run" / "cache" / "voc_train_aug.json"
+    assert json.loads(cache_file.read_text())["key"]["root"] == str(voc_root.resolve())
+
+    calls.clear()
+    second = build_dataset(cfg, "train_aug", "train")
+    assert calls == []  # second construction reads no masks
+    np.testing.assert_array_equal(second.labels, first.labels)
+
+    other_root = Path(shutil.copytree(voc_root, tmp_path / "elsewhere"))
+    third = build_dataset(make_cfg(other_root, tmp_path / "run"), "train_aug", "train")
+    assert len(calls) == len(third)  # another root: the cache is rebuilt, not trusted
+    assert json.loads(cache_file.read_text())["key"]["root"] == str(other_root.resolve())
+
+
+def test_cache_dir_key_is_used_and_nothing_is_written_to_the_dataset(voc_root: Path, tmp_path: Path) -> None:
+    before = sorted(p.relative_to(voc_root) for p in voc_root.rglob("*"))
+    build_dataset(make_cfg(voc_root, tmp_path / "run", f"data.cache_dir={tmp_path / 'c'}"), "val", "eval")
+    assert (tmp_path / "c" / "voc_val.json").is_file()
+    assert not (tmp_path / "run").exists()
+    assert sorted(p.relative_to(voc_root) for p in voc_root.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+
+
+def expect_error(build: Callable[[], object], error: type[Exception], *fragments: str) -> None:
+    with pytest.raises(error) as info:
+        build()
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in: {info.value}"
+
+
+def test_missing_root_names_the_key(tmp_path: Path) -> None:
+    expect_error(lambda: build_dataset(make_cfg(tmp_path / "nope", tmp_path), "val", "eval"), FileNotFoundError,
+                 "data.root", str(tmp_path / "nope"))  # fmt: skip
+    unset = make_cfg("???", tmp_path, require=False)
+    expect_error(lambda: build_dataset(unset, "val", "eval"), ValueError, "data.root")
+
+
+def test_missing_subfolder_names_it_and_the_layout(voc_copy: Path, tmp_path: Path) -> None:
+    shutil.rmtree(voc_copy / "JPEGImages")
+    expect_error(lambda: build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval"), FileNotFoundError,
+                 "JPEGImages", "SegmentationClassAug")  # fmt: skip
+
+
+def test_listed_id_without_image_is_named(voc_copy: Path, tmp_path: Path) -> None:
+    names = read_list(voc_copy, "val")
+    for name in names[:2]:
+        (voc_copy / "JPEGImages" / f"{name}.jpg").unlink()
+    expect_error(lambda: build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval"), FileNotFoundError,
+                 names[0], names[1], "2 id(s)")  # fmt: skip
+
+
+def test_corrupt_image_names_the_file(voc_copy: Path, tmp_path: Path) -> None:
+    name = read_list(voc_copy, "val")[0]
+    (voc_copy / "JPEGImages" / f"{name}.jpg").write_bytes(b"not a jpeg at all")
+    ds = build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval")
+    expect_error(lambda: ds[0], OSError, f"{name}.jpg")
+
+
+def test_mask_size_mismatch_names_both_sizes(voc_copy: Path, tmp_path: Path) -> None:
+    name = read_list(voc_copy, "val")[0]
+    path = voc_mask_path(voc_copy, name)
+    mask = read_label_png(path)
+    height, width = mask.shape
+    save_label_png(path, np.zeros((height + 3, width), dtype=np.uint8))
+    ds = build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval")
+    expect_error(lambda: ds[0], ValueError, str(path), f"{height + 3}x{width}", f"{height}x{width}")
+
+
+def test_mask_value_out_of_range_names_value_and_file(voc_copy: Path, tmp_path: Path) -> None:
+    name = read_list(voc_copy, "val")[0]
+    path = voc_mask_path(voc_copy, name)
+    mask = read_label_png(path)
+    mask[0, 0] = 42  # > num_classes - 1 = 20 and not the ignore value 255
+    save_label_png(path, mask)
+    expect_error(lambda: build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval"), ValueError, "42", str(path))
+
+
+def test_mask_value_out_of_range_is_caught_at_load_time_with_a_cached_label(voc_copy: Path, tmp_path: Path) -> None:
+    ds = build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval")
+    path = voc_mask_path(voc_copy, ds.ids[0])
+    mask = read_label_png(path)
+    mask[1, 1] = 77
+    save_label_png(path, mask)
+    cached = build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval")  # labels from the cache, mask unread
+    expect_error(lambda: cached[0], ValueError, "77", str(path))
+
+
+def test_empty_list_names_the_split(voc_copy: Path, tmp_path: Path) -> None:
+    (voc_copy / "ImageSets" / "Segmentation" / "val.txt").write_text("\n")
+    expect_error(lambda: build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval"), ValueError, "'val'", "empty")
+
+
+def test_split_without_list_names_the_expected_file(voc_copy: Path, tmp_path: Path) -> None:
+    expect_error(lambda: build_dataset(make_cfg(voc_copy, tmp_path), "test", "eval"), FileNotFoundError,
+                 "test.txt", "data.list_dir")  # fmt: skip
+
+
+def test_list_dir_without_the_split_file_is_an_error(voc_root: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(voc_root, tmp_path, f"data.list_dir={tmp_path}")
+    expect_error(lambda: build_dataset(cfg, "val", "eval"), FileNotFoundError, "data.list_dir", "val.txt")
+
+
+def test_partial_masks_in_an_eval_split_are_reported(voc_copy: Path, tmp_path: Path) -> None:
+    name = read_list(voc_copy, "val")[1]
+    for folder in ("SegmentationClass", "SegmentationClassAug"):
+        (voc_copy / folder / f"{name}.png").unlink(missing_ok=True)
+    expect_error(lambda: build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval"), FileNotFoundError,
+                 name, "no mask")  # fmt: skip
+
+
+def test_bad_config_values_name_their_key(voc_root: Path, tmp_path: Path) -> None:
+    expect_error(lambda: build_dataset(make_cfg(voc_root, tmp_path, "data.name=cityscapes"), "val", "eval"),
+                 ValueError, "data.name")  # fmt: skip
+    no_run = make_cfg(voc_root, "???", require=False)
+    expect_error(lambda: build_dataset(no_run, "val", "eval"), ValueError, "run.out_dir", "data.cache_dir")
+    expect_error(lambda: build_dataset(make_cfg(voc_root, tmp_path, "data.max_images=0"), "val", "eval"),
+                 ValueError, "data.max_images")  # fmt: skip
+    expect_error(lambda: build_dataset(make_cfg(voc_root, tmp_path), "val", "predict"), ValueError, "mode")
+
+
+# ------------------------------------------------------------------------------------------------------------ COCO
+
+
+def write_coco_tree(root: Path) -> dict[str, dict[str, list[int]]]:
+    """A hand-made COCO-layout tree: 3 train and 2 val images with masks, one val image without a mask.
+
+    Returns split -> {id: foreground classes} (the known answer).
+    """
+    rng = np.random.default_rng(0)
+    contents = {
+        "train": {"COCO_train2014_000000000001": [1], "COCO_train2014_000000000002": [3, 80],
+                  "COCO_train2014_000000000003": [17]},
+        "val": {"COCO_val2014_000000000004": [2, 5], "COCO_val2014_000000000005": [60]},
+    }  # fmt: skip
+    for split, images in contents.items():
+        for index, (name, classes) in enumerate(images.items()):
+            height, width = 30 + 4 * index, 40
+            pixels = rng.integers(1, 256, (height, width, 3), dtype=np.uint8)
+            image_path = root / "coco2014" / f"{split}2014" / f"{name}.jpg"
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(image_path)
+            mask = np.zeros((height, width), dtype=np.uint8)
+            for k, c in enumerate(classes):
+                mask[2 + 6 * k : 6 + 6 * k, 2:10] = c
+            mask[-1, :] = 255
+            save_label_png(root / "SegmentationClass" / f"{split}2014" / f"{name}.png", mask)
+    # An image with no annotation gets no mask from tools/prepare_coco.py, so a derived list leaves it out.
+    Image.fromarray(np.full((20, 20, 3), 9, np.uint8)).save(root / "coco2014" / "val2014" / "COCO_val2014_9.jpg")
+    return contents
+
+
+def test_coco_layout_derives_lists_and_labels(tmp_path: Path) -> None:
+    root = tmp_path / "MSCOCO"
+    contents = write_coco_tree(root)
+    for split in ("train", "val", "val_part"):
+        cfg = make_cfg(root, tmp_path / "run", name="coco")
+        ds = build_dataset(cfg, split, "eval")
+        truth = contents["val" if split == "val_part" else split]
+        assert ds.ids == sorted(truth)  # fewer than 5,000 val images: val_part is all of them
+        for index, name in enumerate(ds.ids):
+            assert (np.flatnonzero(ds.labels[index]) + 1).tolist() == truth[name]
+            item = ds[index]
+            assert item["img"].shape[1:] == item["mask"].shape
+    train = build_dataset(make_cfg(root, tmp_path / "run", name="coco"), "train", "train")
+    assert train[0]["img"].shape == (3, CROP, CROP) and train.labels.shape == (3, 80)
+
+
+def test_synthetic_coco_labels_equal_mask_classes(coco_root: Path, tmp_path: Path) -> None:
+    for split, folder in (("train", "train2014"), ("val_part", "val2014")):
+        ds = build_dataset(make_cfg(coco_root, tmp_path, name="coco"), split, "eval")
+        assert ds.ids == (coco_root / "ImageSets" / f"{split}.txt").read_text().split()
+        masks = [coco_root / "SegmentationClass" / folder / f"{name}.png" for name in ds.ids]
+        np.testing.assert_array_equal(ds.labels, np.stack([mask_label(path, 80) for path in masks]))
+        item = ds[0]
+        assert item["img"].shape[1:] == item["mask"].shape
+
+
+def test_coco_list_file_and_unknown_split(tmp_path: Path) -> None:
+    root = tmp_path / "MSCOCO"
+    write_coco_tree(root)
+    (root / "ImageSets").mkdir()
+    (root / "ImageSets" / "train.txt").write_text("COCO_train2014_000000000002\n")
+    cfg = make_cfg(root, tmp_path / "run", name="coco")
+    assert build_dataset(cfg, "train", "train").ids == ["COCO_train2014_000000000002"]
+    expect_error(lambda: build_dataset(cfg, "train_aug", "train"), ValueError, "train_aug", "val_part")
+
+
+def test_coco_without_masks_points_to_prepare_coco(tmp_path: Path) -> None:
+    root = tmp_path / "MSCOCO"
+    write_coco_tree(root)
+    shutil.rmtree(root / "SegmentationClass")
+    expect_error(lambda: build_dataset(make_cfg(root, tmp_path / "run", name="coco"), "val", "eval"),
+                 FileNotFoundError, "tools.prepare_coco")  # fmt: skip
+
+
+def test_val_part_rule_is_a_fixed_sorted_subset() -> None:
+    from datasets.coco import val_part_ids
+
+    ids = [f"{i:05d}" for i in range(7000)]
+    part = val_part_ids(ids[::-1], size=5000)
+    assert len(part) == 5000 and part == sorted(part) and set(part) <= set(ids)
+    assert part == val_part_ids(ids, size=5000)  # input order does not matter
+    assert val_part_ids(ids[:10], size=5000) == ids[:10]
+
+
+def test_layouts_are_descriptions_of_one_code_path() -> None:
+    assert set(LAYOUTS) == {"voc", "coco"}
+    assert all(isinstance(layout, base.Layout) for layout in LAYOUTS.values())

@@ -1,0 +1,205 @@
+"""Tests of tools/prepare_coco.py on the synthetic COCO layout (checked against the VOC layout of the same seed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from datasets.classes import COCO_CLASSES, COCO_ID_TO_LABEL, VOC_CLASSES, VOC_TO_COCO_NAME
+from datasets.coco import val_part_ids
+from tools import prepare_coco
+from tools.prepare_coco import Instance, coco_label_map, prepare, segmentation_to_mask
+from utils.io import read_label_png
+
+CocoFixture = tuple[Path, dict[str, Any], dict[str, Any]]
+
+
+def _voc_to_coco_lut() -> np.ndarray:
+    """VOC class id -> COCO label (1..80) lookup table; 0 and 255 map to themselves."""
+    lut = np.full(256, 255, dtype=np.uint8)
+    lut[0] = 0
+    for voc_id, name in enumerate(VOC_CLASSES[1:], start=1):
+        lut[voc_id] = COCO_CLASSES.index(VOC_TO_COCO_NAME.get(name, name))
+    return lut
+
+
+def _mask_hashes(root: Path) -> dict[str, str]:
+    files = sorted((root / "SegmentationClass").rglob("*.png"))
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _coco_mask(root: Path, image: dict[str, Any]) -> np.ndarray:
+    return read_label_png(root / "SegmentationClass" / f"{image['split']}2014" / f"{image['name']}.png")
+
+
+def test_masks_reproduce_the_generator_masks(
+    synthetic_voc: tuple[Path, dict[str, Any]], synthetic_coco: CocoFixture
+) -> None:
+    """Outside VOC's void band the COCO mask equals the VOC mask with VOC ids mapped to COCO labels, exactly.
+
+    No tolerance is needed: instance masks are the visible parts, so they do not overlap, and the generator keeps a
+    polygon only when its rasterisation differs from the mask inside the void band alone (else it writes exact RLE).
+    Crowd objects are the one intended difference: there the COCO mask is 255.
+    """
+    voc_root, voc_summary = synthetic_voc
+    coco_root, coco_summary, _ = synthetic_coco
+    lut = _voc_to_coco_lut()
+    annotations = {
+        split: json.loads((coco_root / "annotations" / f"instances_{split}2014.json").read_text())["annotations"]
+        for split in ("train", "val")
+    }
+    crowd_pixels = 0
+    for voc_image, coco_image in zip(voc_summary["images"], coco_summary["images"], strict=True):
+        voc = read_label_png(voc_root / "SegmentationClassAug" / f"{voc_image['name']}.png")
+        coco = _coco_mask(coco_root, coco_image)
+        assert coco.shape == voc.shape
+        outside_band = voc != 255
+        expected = lut[voc]
+        image_id = int(coco_image["name"].rsplit("_", 1)[1])
+        for ann in annotations[coco_image["split"]]:
+            if ann["image_id"] == image_id and ann["iscrowd"]:
+                region = segmentation_to_mask(ann["segmentation"], *voc.shape) & outside_band
+                # The crowd region is the object's visible area: VOC labels it with the same class.
+                assert (expected[region] == COCO_ID_TO_LABEL[ann["category_id"]]).all()
+                expected[region] = 255
+                crowd_pixels += int(region.sum())
+        np.testing.assert_array_equal(coco[outside_band], expected[outside_band], err_msg=coco_image["name"])
+        # The comparison covers most of every image (the band is two pixels wide along object borders).
+        assert outside_band.sum() > 0.65 * voc.size
+    assert crowd_pixels > 0  # the crowd path was exercised
+
+
+def test_first_run_writes_every_mask_and_the_second_none(synthetic_coco: CocoFixture) -> None:
+    root, summary, first = synthetic_coco
+    num_annotations = {"train": 0, "val": 0}
+    num_crowd = {"train": 0, "val": 0}
+    for image in summary["images"]:
+        num_annotations[image["split"]] += len(image["objects"])
+        num_crowd[image["split"]] += sum(obj["crowd"] for obj in image["objects"])
+    for split, count in (("train", 24), ("val", 8)):
+        assert first[split]["images"] == first[split]["written"] == count
+        assert first[split]["skipped"] == first[split]["missing_images"] == 0
+        assert first[split]["crowd"] == num_crowd[split]
+        assert first[split]["instances"] + first[split]["crowd"] == num_annotations[split]
+    before = _mask_hashes(root)
+    assert len(before) == 32
+    second = prepare(root)
+    for split, count in (("train", 24), ("val", 8)):
+        assert (second[split]["written"], second[split]["skipped"]) == (0, count)
+    assert _mask_hashes(root) == before
+
+
+def test_masks_are_palette_pngs_with_coco_labels(synthetic_coco: CocoFixture) -> None:
+    root, summary, _ = synthetic_coco
+    allowed = set(range(81)) | {255}
+    for image in summary["images"]:
+        mask = _coco_mask(root, image)
+        assert (mask.shape[0], mask.shape[1]) == (image["height"], image["width"])
+        assert set(np.unique(mask).tolist()) <= allowed
+
+
+def test_split_lists(synthetic_coco: CocoFixture) -> None:
+    root, summary, _ = synthetic_coco
+    lists = {split: (root / "ImageSets" / f"{split}.txt").read_text().split() for split in ("train", "val", "val_part")}
+    for split in ("train", "val"):
+        assert lists[split] == sorted(image["name"] for image in summary["images"] if image["split"] == split)
+        assert all(name.startswith(f"COCO_{split}2014_") for name in lists[split])
+    # Fewer than 5,000 val images: val_part is all of val.
+    assert lists["val_part"] == lists["val"]
+
+
+def test_val_part_is_a_fixed_sorted_subset() -> None:
+    stems = [f"COCO_val2014_{i:012d}" for i in range(50, 0, -1)]
+    subset = val_part_ids(stems, size=10)
+    assert len(subset) == len(set(subset)) == 10
+    assert subset == sorted(subset) and set(subset) <= set(stems)
+    assert val_part_ids(list(reversed(stems)), size=10) == subset  # depends on the stems, not their order
+    assert val_part_ids(stems, size=10, seed=1) != subset
+    assert val_part_ids(stems[:7], size=10) == sorted(stems[:7])
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def test_label_map_paints_larger_instances_first_and_crowd_only_where_uncovered() -> None:
+    big = np.zeros((6, 6), dtype=bool)
+    big[0:4, 0:4] = True  # cat (COCO id 17 -> label 16), 16 pixels
+    crowd = np.zeros((6, 6), dtype=bool)
+    crowd[3:6, :] = True  # person crowd, rows 3..5
+    # dog (COCO id 18 -> label 17) as a polygon; pycocotools puts pixel i on [i, i+1), so the centres 2.5..4.5 of
+    # rows / columns 2..4 lie inside [2.2, 4.8] and none other does: a 3x3 square, 9 pixels.
+    small = [[2.2, 2.2, 4.8, 2.2, 4.8, 4.8, 2.2, 4.8]]
+    instances = [  # the small one first and the crowd in between: the result must not depend on the order
+        Instance(ann_id=1, category_id=18, segmentation=small, iscrowd=False),
+        Instance(ann_id=2, category_id=1, segmentation=_rle(crowd), iscrowd=True),
+        Instance(ann_id=3, category_id=17, segmentation=_rle(big), iscrowd=False),
+    ]
+    expected = np.array(
+        [
+            [16, 16, 16, 16, 0, 0],
+            [16, 16, 16, 16, 0, 0],
+            [16, 16, 17, 17, 17, 0],
+            [16, 16, 17, 17, 17, 255],
+            [255, 255, 17, 17, 17, 255],
+            [255, 255, 255, 255, 255, 255],
+        ],
+        dtype=np.uint8,
+    )
+    np.testing.assert_array_equal(coco_label_map(instances, 6, 6), expected)
+    np.testing.assert_array_equal(coco_label_map(instances[::-1], 6, 6), expected)
+    assert (COCO_ID_TO_LABEL[17], COCO_ID_TO_LABEL[18]) == (16, 17)
+
+
+def test_missing_json_error_names_the_path(tmp_path: Path) -> None:
+    (tmp_path / "coco2014" / "train2014").mkdir(parents=True)
+    expected = tmp_path / "annotations" / "instances_train2014.json"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(expected))):
+        prepare(tmp_path, splits=["train"])
+
+
+def test_missing_image_folder_error_names_the_path(tmp_path: Path, synthetic_coco: CocoFixture) -> None:
+    (tmp_path / "annotations").mkdir()
+    shutil.copy(synthetic_coco[0] / "annotations" / "instances_val2014.json", tmp_path / "annotations")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "coco2014" / "val2014"))):
+        prepare(tmp_path, splits=["val"])
+    assert not (tmp_path / "SegmentationClass").exists()
+
+
+def test_unknown_category_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "coco2014" / "val2014").mkdir(parents=True)
+    document = {
+        "images": [{"id": 1, "file_name": "COCO_val2014_000000000001.jpg", "height": 4, "width": 4}],
+        "annotations": [{"id": 7, "image_id": 1, "category_id": 12, "segmentation": [[0, 0, 3, 0, 3, 3]]}],
+        "categories": [{"id": 12, "name": "not a coco category"}],
+    }
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2014.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"instances_val2014\.json: annotation 7 has category_id 12"):
+        prepare(tmp_path, splits=["val"])
+
+
+def test_worker_pool_writes_the_same_masks(tmp_path: Path, synthetic_coco: CocoFixture) -> None:
+    source = synthetic_coco[0]
+    for folder in ("annotations", "coco2014"):
+        shutil.copytree(source / folder, tmp_path / folder)
+    summary = prepare(tmp_path, splits=["train"], workers=2)
+    assert summary["train"]["written"] == 24
+    assert _mask_hashes(tmp_path) == {k: v for k, v in _mask_hashes(source).items() if "train2014" in k}
+
+
+def test_cli_prints_the_summary(synthetic_coco: CocoFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    root = synthetic_coco[0]
+    assert prepare_coco.main([str(root), "--splits", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "val2014: 8 images, masks written 0 / skipped 8" in out
+    assert re.search(r"\d+ instances, \d+ crowd regions", out)

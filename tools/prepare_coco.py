@@ -1,0 +1,239 @@
+"""Build VOC-style segmentation masks and split lists for COCO 2014 from the official instances JSON (SPEC §7).
+
+Usage: python -m tools.prepare_coco ROOT [--splits train val] [--workers N]
+
+ROOT is the MSCOCO folder: ``ROOT/annotations/instances_{train,val}2014.json`` and
+``ROOT/coco2014/{train2014,val2014}/*.jpg``. Writes ``ROOT/SegmentationClass/{train2014,val2014}/<stem>.png``
+(palette PNG: 0 background, 1..80 the COCO categories in ``datasets.classes.COCO_ID_TO_LABEL`` order, 255 on crowd
+regions that no ordinary instance covers) and ``ROOT/ImageSets/{train,val,val_part}.txt``.
+
+Only images with at least one annotation are listed and get a mask: that is what gives the 82,081 train and 40,137
+val images of SPEC §7 (of 82,783 / 40,504 in the JSON). Where ordinary instances overlap, larger instances (by mask
+area) are painted first so smaller ones stay visible on top of them; crowd regions are painted last and only where
+no instance is. Masks already on disk are skipped (resumable) and every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from tqdm import tqdm
+
+from datasets.classes import COCO_ID_TO_LABEL
+from datasets.coco import val_part_ids  # the one rule, shared with the reader's fallback
+from utils.io import atomic_write_text, save_label_png
+
+logger = logging.getLogger(__name__)
+
+IGNORE = 255
+SPLITS = ("train", "val")
+# Fixed in-training validation subset of val2014 (SPEC §7).
+LAYOUT_HINT = (
+    "expected the MSCOCO layout ROOT/annotations/instances_{train,val}2014.json and "
+    "ROOT/coco2014/{train2014,val2014}/*.jpg"
+)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One annotation as needed to paint it: COCO category id, segmentation (polygons or RLE), crowd flag."""
+
+    ann_id: int
+    category_id: int
+    segmentation: Any
+    iscrowd: bool
+
+
+@dataclass(frozen=True)
+class MaskTask:
+    """Everything a worker needs to write one mask (no COCO object crosses the process boundary)."""
+
+    stem: str
+    height: int
+    width: int
+    instances: tuple[Instance, ...]
+    out_path: Path
+    image_path: Path
+
+
+def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO segmentation (polygon list, uncompressed or compressed RLE) to an [H, W] bool mask."""
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)) if segmentation else None
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        rle = segmentation
+    else:
+        raise ValueError(f"unknown COCO segmentation format: {type(segmentation).__name__}; expected polygons or RLE")
+    if rle is None:
+        return np.zeros((height, width), dtype=bool)
+    mask = mask_utils.decode(rle).astype(bool)
+    if mask.shape != (height, width):
+        raise ValueError(f"segmentation of size {mask.shape} does not match the image size {(height, width)}")
+    return mask
+
+
+def coco_label_map(instances: Sequence[Instance], height: int, width: int) -> np.ndarray:
+    """Paint one image's instances into a VOC-style label map [H, W] uint8.
+
+    0 background, ``COCO_ID_TO_LABEL[category_id]`` (1..80) for instances, 255 for crowd regions not covered by an
+    ordinary instance. Ordinary instances are painted largest first (ties by annotation id, so the result does not
+    depend on JSON order): where two overlap, the smaller one stays visible, as it would be in front.
+    """
+    label = np.zeros((height, width), dtype=np.uint8)
+    painted = []
+    crowd = np.zeros((height, width), dtype=bool)
+    for instance in instances:
+        mask = segmentation_to_mask(instance.segmentation, height, width)
+        if instance.iscrowd:
+            crowd |= mask
+        else:
+            painted.append((-int(mask.sum()), instance.ann_id, COCO_ID_TO_LABEL[instance.category_id], mask))
+    covered = np.zeros((height, width), dtype=bool)
+    for _, _, class_label, mask in sorted(painted, key=lambda item: item[:2]):
+        label[mask] = class_label
+        covered |= mask
+    label[crowd & ~covered] = IGNORE
+    return label
+
+
+def _write_mask(task: MaskTask) -> tuple[str, bool, bool]:
+    """Write one mask unless it exists; returns (stem, written, image file present)."""
+    image_present = task.image_path.is_file()
+    if task.out_path.exists():
+        return task.stem, False, image_present
+    save_label_png(task.out_path, coco_label_map(task.instances, task.height, task.width))
+    return task.stem, True, image_present
+
+
+def _split_paths(root: Path, split: str) -> tuple[Path, Path]:
+    return root / "annotations" / f"instances_{split}2014.json", root / "coco2014" / f"{split}2014"
+
+
+def check_layout(root: Path, splits: Iterable[str]) -> None:
+    """Fail fast, before any work, when an annotation file or image folder is missing."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"COCO root folder not found: {root}; {LAYOUT_HINT}")
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} in --splits: expected some of {list(SPLITS)}")
+        json_path, image_dir = _split_paths(root, split)
+        if not json_path.is_file():
+            raise FileNotFoundError(f"COCO annotation file not found: {json_path}; {LAYOUT_HINT}")
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"COCO image folder not found: {image_dir}; {LAYOUT_HINT}")
+
+
+def _split_tasks(root: Path, split: str) -> list[MaskTask]:
+    """One task per image with at least one annotation, sorted by file stem."""
+    json_path, image_dir = _split_paths(root, split)
+    coco = COCO(str(json_path))
+    tasks = []
+    for image_id, image_anns in coco.imgToAnns.items():
+        if not image_anns:
+            continue
+        info = coco.imgs[image_id]
+        instances = []
+        for ann in image_anns:
+            if ann["category_id"] not in COCO_ID_TO_LABEL:
+                raise ValueError(
+                    f"{json_path}: annotation {ann['id']} has category_id {ann['category_id']}, "
+                    "which is not one of the 80 COCO categories (datasets.classes.COCO_CATEGORIES)"
+                )
+            instances.append(Instance(ann["id"], ann["category_id"], ann["segmentation"], bool(ann.get("iscrowd", 0))))
+        stem = Path(info["file_name"]).stem
+        tasks.append(
+            MaskTask(
+                stem=stem,
+                height=int(info["height"]),
+                width=int(info["width"]),
+                instances=tuple(instances),
+                out_path=root / "SegmentationClass" / f"{split}2014" / f"{stem}.png",
+                image_path=image_dir / info["file_name"],
+            )
+        )
+    return sorted(tasks, key=lambda task: task.stem)
+
+
+def _run_tasks(tasks: list[MaskTask], workers: int, desc: str) -> list[tuple[str, bool, bool]]:
+    progress = {"total": len(tasks), "desc": desc, "disable": None}
+    if workers <= 1:
+        return [_write_mask(task) for task in tqdm(tasks, **progress)]
+    # fork where available: a spawned worker would re-import the `datasets` package and with it torch (seconds per
+    # worker). Workers only decode masks with pycocotools and write PNGs.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    chunksize = max(1, min(256, len(tasks) // (workers * 8)))
+    with context.Pool(workers) as pool:
+        return list(tqdm(pool.imap_unordered(_write_mask, tasks, chunksize=chunksize), **progress))
+
+
+def prepare(root: str | Path, splits: Sequence[str] = SPLITS, workers: int = 0) -> dict[str, Any]:
+    """Write the COCO masks and split lists under ``root``; see the module docstring for the layout.
+
+    Args:
+        root: the MSCOCO folder.
+        splits: any of ``"train"``, ``"val"``; ``val`` also writes ``val_part``.
+        workers: processes for mask writing (0 or 1 = in this process).
+
+    Returns:
+        Per split: ``images`` (listed), ``written`` / ``skipped`` masks, ``instances`` (ordinary annotations),
+        ``crowd`` (crowd regions), ``missing_images`` (listed images without a JPEG file).
+    """
+    root = Path(root)
+    check_layout(root, splits)
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
+    summary: dict[str, Any] = {}
+    for split in splits:
+        tasks = _split_tasks(root, split)
+        results = _run_tasks(tasks, workers, desc=f"COCO {split}2014 masks")
+        written = sum(1 for _, was_written, _ in results if was_written)
+        missing = sum(1 for _, _, present in results if not present)
+        crowd = sum(instance.iscrowd for task in tasks for instance in task.instances)
+        stems = [task.stem for task in tasks]
+        list_dir = root / "ImageSets"
+        atomic_write_text(list_dir / f"{split}.txt", "".join(f"{stem}\n" for stem in stems))
+        if split == "val":
+            atomic_write_text(list_dir / "val_part.txt", "".join(f"{stem}\n" for stem in val_part_ids(stems)))
+        if missing:
+            logger.warning("%s2014: %d listed images have no JPEG in %s", split, missing, _split_paths(root, split)[1])
+        summary[split] = {
+            "images": len(tasks),
+            "written": written,
+            "skipped": len(tasks) - written,
+            "instances": sum(len(task.instances) for task in tasks) - crowd,
+            "crowd": crowd,
+            "missing_images": missing,
+        }
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.prepare_coco", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, help="the MSCOCO folder (annotations/, coco2014/)")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="splits to prepare")
+    parser.add_argument("--workers", type=int, default=0, help="processes for writing masks (0 = this process)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = prepare(args.root, splits=args.splits, workers=args.workers)
+    for split, counts in summary.items():
+        print(
+            f"{split}2014: {counts['images']} images, masks written {counts['written']} / skipped {counts['skipped']}, "
+            f"{counts['instances']} instances, {counts['crowd']} crowd regions"
+            + (f", {counts['missing_images']} JPEGs missing" if counts["missing_images"] else "")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
