@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from datasets.synthetic import generate
 from tools.prepare_coco import prepare
+
+# One intra-op thread: the tests use tiny tensors, where OpenMP threads cost more than they give, and on a busy
+# 2-core machine two threads waiting on each other made tiny ops ~100x slower (measured).
+torch.set_num_threads(1)
 
 # Small and fast (~1 s for both): 24 train + 8 val images with sides of 64..96 pixels.
 SYNTHETIC_ARGS: dict[str, Any] = {"num_train": 24, "num_val": 8, "seed": 0, "min_size": 64, "max_size": 96}

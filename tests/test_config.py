@@ -29,6 +29,7 @@ def test_overrides_are_typed_and_applied():
     assert list(cfg.cam.scales) == [1.0, 2.0]
     assert cfg.train.resume == "auto"
     assert cfg.train.lr == pytest.approx(6e-5)  # untouched default
+    assert load_config("configs/voc.yaml", [*REQUIRED, "train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
 
 
 def test_dataset_file_overrides_only_what_differs():

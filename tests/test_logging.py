@@ -18,13 +18,14 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
-def test_resume_drops_records_from_the_resumed_step_on(tmp_path):
+def test_resume_drops_records_after_the_resumed_step(tmp_path):
     writer = MetricsWriter(tmp_path, tensorboard=False)
     for step in range(5):
         writer.log(step, {"x": step})
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "kind": "tr')  # torn by a kill
-    MetricsWriter(tmp_path, resume_step=3, tensorboard=False).log(3, {"x": 30})
+    # resumed from the checkpoint taken after 2 completed steps: record 2 stays, 3 and 4 are rewritten
+    MetricsWriter(tmp_path, resume_step=2, tensorboard=False).log(3, {"x": 30})
     assert [(r["step"], r["x"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(0, 0), (1, 1), (2, 2), (3, 30)]
 
 

@@ -185,3 +185,12 @@ def prune_numbered(run_dir: str | Path, keep: int) -> None:
     numbered = sorted((int(m.group(1)), p) for p in folder.glob("iter_*.pth") if (m := _NUMBERED.match(p.name)))
     for _, path in numbered[: max(0, len(numbered) - keep)]:
         path.unlink(missing_ok=True)
+
+
+def remove_partial_files(run_dir: str | Path) -> list[Path]:
+    """Delete temporary files a killed writer left in the checkpoint folder; returns what was removed."""
+    removed = []
+    for path in checkpoint_dir(run_dir).glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ BASE_CONFIG = CONFIG_DIR / "base.yaml"
 BASE_KEY = "_base_"
 # Mappings whose sub-keys are free-form (passed straight to a library), so they are not checked against the schema.
 OPEN_NODES = ("model.backbone_kwargs",)
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -129,6 +133,8 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(f"command-line override {item!r} must look like key=value (e.g. train.max_iters=100)")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; on a command line it means a number
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -6,6 +6,7 @@ Processes are started by torchrun, which sets RANK / WORLD_SIZE / LOCAL_RANK; th
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from collections.abc import Sequence
 
@@ -37,12 +38,15 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> torch.device:
+def init_distributed(device: str = "auto", num_threads: int = 0, timeout_minutes: int = 30) -> torch.device:
     """Join the process group when started by torchrun and return this process's device.
 
     ``device``: ``auto`` (CUDA when available), ``cuda`` or ``cpu``. NCCL is used with CUDA, gloo without,
-    so multi-process runs work (and are tested) on CPU.
+    so multi-process runs work (and are tested) on CPU. ``num_threads`` > 0 sets torch's intra-op CPU threads (on a
+    small shared CPU, 1 thread per process avoids OpenMP threads waiting on each other).
     """
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -118,3 +122,20 @@ def shard(items: Sequence, rank: int | None = None, world_size: int | None = Non
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
     return list(items[rank::world_size])
+
+
+def state_fingerprint(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
+    """A hash of every parameter and buffer of ``module`` whose name contains none of ``skip``."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items()):
+        if any(part in name for part in skip):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def ranks_identical(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> bool:
+    """Whether ``module``'s state is bit-identical on every rank (collective; True in one process)."""
+    fingerprints = all_gather_object(state_fingerprint(module, skip))
+    return len(set(fingerprints)) == 1

@@ -60,8 +60,9 @@ def _jsonable(value: Any) -> Any:
 class MetricsWriter:
     """Rank-0 scalar/image sink: ``metrics.jsonl`` (one JSON object per record) and TensorBoard under ``tb/``.
 
-    On resume, records at or after ``resume_step`` are dropped from ``metrics.jsonl`` so the file never holds two
-    histories for the same step. On ranks other than 0 every method is a no-op.
+    Records are keyed by the number of completed steps. On resume, records after ``resume_step`` (written by the
+    interrupted run after its last checkpoint) are dropped from ``metrics.jsonl`` and TensorBoard, so the files never
+    hold two histories for the same step. On ranks other than 0 every method is a no-op.
     """
 
     def __init__(self, out_dir: str | Path, rank: int = 0, resume_step: int | None = None, tensorboard: bool = True):
@@ -76,7 +77,8 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, and rank 0 only
 
-            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tb"), purge_step=resume_step)
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tb"), purge_step=purge)
 
     def _truncate(self, resume_step: int) -> None:
         kept = []
@@ -85,7 +87,7 @@ class MetricsWriter:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill: drop it
                 continue
-            if record.get("step", -1) < resume_step:
+            if record.get("step", -1) <= resume_step:
                 kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 

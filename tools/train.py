@@ -1,0 +1,289 @@
+"""Train MSFC (SPEC §3–§6). One script for every dataset; VOC and COCO differ only by config.
+
+Single process:  python -m tools.train --config configs/voc.yaml data.root=... run.out_dir=runs/voc
+Several GPUs:    torchrun --nproc_per_node=4 -m tools.train --config configs/voc.yaml ...   (see train_run_VOC.sh)
+Resume:          the same command with train.resume=auto (or train.resume=PATH)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets import build_dataset
+from models import build_model
+from utils import dist
+from utils.checkpoint import (
+    checkpoint_dir,
+    find_latest,
+    gather_rng_states,
+    load_checkpoint,
+    prune_numbered,
+    remove_partial_files,
+    save_checkpoint,
+)
+from utils.config import add_config_arguments, config_from_args, save_config
+from utils.engine import TrainStep, heads_in_use, set_heads_trainable, validate
+from utils.logging import MetricsWriter, setup_logging
+from utils.optim import build_optimizer, lr_factor, set_lr
+from utils.sampler import InfiniteSampler
+
+logger = logging.getLogger("tools.train")
+
+# Buffers that legitimately differ between ranks: the memory bank's accumulators until its next all-reduce.
+LOCAL_STATE = ("memory.acc_",)
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN/Inf; the run stops without overwriting any checkpoint."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP over the currently trainable parameters (no-op in one process)."""
+    if dist.get_world_size() == 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    # broadcast_buffers=False, not its successor forward_sync_buffers=False: the latter still copies rank 0's
+    # buffers at construction, which would overwrite the memory bank's rank-local accumulators at every phase change.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+class Trainer:
+    """Owns the model, optimiser, data stream and run folder of one training run."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.device = dist.init_distributed(cfg.run.device, int(cfg.run.num_threads))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.out_dir = Path(cfg.run.out_dir)
+        setup_logging(self.out_dir, self.rank)
+        seed_everything(int(cfg.run.seed) + self.rank)
+        tc = cfg.train
+        if self.device.type == "cpu" and tc.precision != "fp32":
+            logger.info("train.precision=%s applies to CUDA only; this CPU run uses fp32", tc.precision)
+
+        self.train_set = build_dataset(cfg, cfg.data.train_split, "train")
+        self.val_set = build_dataset(cfg, cfg.data.val_split, "eval") if int(tc.eval_every) > 0 else None
+        self.model = build_model(cfg).to(self.device)
+        groups = self.model.param_groups(float(tc.lr), float(tc.head_lr_mult), float(tc.weight_decay))
+        self.optimizer = build_optimizer(groups, tc.betas, float(tc.weight_decay))
+        use_scaler = tc.precision == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.generator = torch.Generator().manual_seed(int(cfg.run.seed) * 7919 + self.rank)  # views, local crops
+        self.step_fn = TrainStep(cfg, self.device)
+        self.start_step, self.best = 0, {"score": -1.0, "step": -1, "metric": None}
+        self._resume()
+        if self.rank == 0:
+            save_config(cfg, self.out_dir)
+        self.metrics = MetricsWriter(self.out_dir, self.rank, resume_step=self.start_step)
+        samples_done = self.start_step * int(tc.batch_size) * int(tc.accum_steps)
+        sampler = InfiniteSampler(len(self.train_set), self.rank, self.world, int(cfg.run.seed), start=samples_done)
+        workers = int(cfg.data.num_workers)
+        self.loader = DataLoader(
+            self.train_set, batch_size=int(tc.batch_size), sampler=sampler, num_workers=workers, drop_last=True,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+        )  # fmt: skip
+        self._log_setup()
+
+    def _resume(self) -> None:
+        resume = self.cfg.train.resume
+        if resume is None:
+            return
+        if self.rank == 0:
+            for partial in remove_partial_files(self.out_dir):
+                logger.info("removed %s, a checkpoint whose writing was interrupted", partial.name)
+        path = find_latest(self.out_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            logger.info("train.resume=auto: no checkpoint in %s, starting from scratch", checkpoint_dir(self.out_dir))
+            return
+        self.start_step, extra = load_checkpoint(path, self.model, self.optimizer, self.scaler, self.generator)
+        self.best = extra.get("best", self.best)
+        logger.info("resumed from %s at step %d", path, self.start_step)
+
+    def _log_setup(self) -> None:
+        tc = self.cfg.train
+        global_batch = int(tc.batch_size) * int(tc.accum_steps) * self.world
+        params = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
+        logger.info(
+            "MSFC %s: %s parameters (%s optimised) | device %s x %d process(es) | precision %s | global batch %d "
+            "(%d per process x %d accumulation x %d) | lr %.2e (heads x%g) | %d iterations | train images %d",
+            self.cfg.model.backbone, f"{params:,}", f"{trainable:,}", self.device.type, self.world,
+            tc.precision if self.device.type == "cuda" else "fp32", global_batch, int(tc.batch_size),
+            int(tc.accum_steps), self.world, float(tc.lr), float(tc.head_lr_mult), int(tc.max_iters),
+            len(self.train_set),
+        )  # fmt: skip
+
+    def _checkpoint(self, step: int, names: list[str]) -> None:
+        """Write ``names`` (e.g. iter_000100.pth, last.pth) for ``step`` completed steps; collective.
+
+        Also checks that every rank holds bit-identical parameters and shared buffers (the memory bank's rank-local
+        accumulators excepted): data parallelism that drifted apart would make the checkpoint meaningless.
+        """
+        identical = dist.ranks_identical(self.model, skip=LOCAL_STATE)
+        self.metrics.log(step, {"ranks_identical": identical, "world_size": self.world}, kind="sync")
+        if not identical:
+            raise RuntimeError(f"model state differs across the {self.world} ranks at step {step}; not saving")
+        rng = gather_rng_states(self.generator)
+        if self.rank == 0:
+            folder = checkpoint_dir(self.out_dir)
+            for name in names:
+                save_checkpoint(
+                    folder / name, model=self.model, step=step, optimizer=self.optimizer, scaler=self.scaler,
+                    config=OmegaConf.to_container(self.cfg, resolve=True), rng=rng, extra={"best": self.best},
+                )  # fmt: skip
+            prune_numbered(self.out_dir, int(self.cfg.train.keep_ckpts))
+        dist.barrier()
+
+    def _micro_step(self, ddp: torch.nn.Module, batch: dict, step: int, sync: bool) -> dict[str, float]:
+        accum = int(self.cfg.train.accum_steps)
+        failure = None
+        try:
+            total, logs = self.step_fn(ddp, _to_device(batch, self.device), step, self.generator)
+        except FloatingPointError as err:  # raised by losses.combine, naming the term(s)
+            failure = str(err)
+        # Every rank must learn of a failure on any rank before backward, or the others would wait in DDP forever.
+        flag = dist.all_reduce_sum(torch.tensor([0.0 if failure is None else 1.0], device=self.device))
+        if flag.item() > 0:
+            last = find_latest(self.out_dir)
+            raise TrainingDiverged(
+                f"non-finite loss at step {step}: {failure or 'on another rank'}. Nothing was saved; the last good "
+                f"checkpoint is {last or 'none'}. Lower train.lr or set train.grad_clip, then resume with "
+                "train.resume=auto."
+            )
+        context = contextlib.nullcontext() if sync or not hasattr(ddp, "no_sync") else ddp.no_sync()
+        with context:
+            loss = total / accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return logs
+
+    def _optimizer_step(self) -> float | None:
+        clip = float(self.cfg.train.grad_clip)
+        grad_norm = None
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if clip > 0:
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _validate(self, step: int) -> None:
+        results, overlays = validate(self.model, self.val_set, self.cfg, self.device)
+        metric = "seg_miou" if heads_in_use(self.cfg, step)["decoder"] else "cam_miou"
+        self.metrics.log(step, results, kind="val")
+        for index, image in enumerate(overlays):
+            self.metrics.log_image(step, f"val/{index}", image)
+        logger.info("step %d validation: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        if results[metric] > self.best["score"]:
+            self.best = {"score": results[metric], "step": step, "metric": metric}
+            self._checkpoint(step, ["best.pth"])
+            logger.info("new best %s %.4f at step %d", metric, results[metric], step)
+
+    def fit(self) -> dict:
+        tc = self.cfg.train
+        max_iters, accum = int(tc.max_iters), int(tc.accum_steps)
+        # the schedule always spans max_iters; stop_iter only ends this invocation early (resume continues it)
+        end = max_iters if tc.stop_iter is None else min(max_iters, int(tc.stop_iter))
+        stream = iter(self.loader)
+        ddp, phase = None, None
+        log_every, start = max(1, int(tc.log_every)), time.time()
+        progress = tqdm(range(self.start_step, end), initial=self.start_step, total=max_iters,
+                        disable=self.rank != 0, desc="train", dynamic_ncols=True)  # fmt: skip
+        window: list[dict[str, float]] = []
+        for step in progress:
+            heads = heads_in_use(self.cfg, step)
+            if heads != phase:  # curriculum phase change: freeze idle heads, rebuild DDP over what trains
+                set_heads_trainable(self.model, heads)
+                ddp, phase = _wrap(self.model, self.device), heads
+                logger.info("step %d: trainable heads %s", step, heads)
+            lrs = set_lr(self.optimizer, lr_factor(step, max_iters, int(tc.warmup_iters), float(tc.warmup_ratio),
+                                                   float(tc.poly_power)))  # fmt: skip
+            self.model.train()
+            for micro in range(accum):
+                logs = self._micro_step(ddp, next(stream), step, sync=micro == accum - 1)
+                window.append(logs)
+            grad_norm = self._optimizer_step()
+            self.model.ema_update()
+            if self.cfg.loss.weight.mem > 0 and (step + 1) % int(self.cfg.memory.update_every) == 0:
+                self.model.memory.update()
+            done = step + 1
+            if done % log_every == 0 or done == max_iters:
+                record = self._summarise(window, lrs, grad_norm, done, start)
+                progress.set_postfix(loss=f"{record['loss_total']:.3f}")
+                window = []
+            if int(tc.eval_every) > 0 and (done % int(tc.eval_every) == 0 or done == max_iters):
+                self._validate(done)
+            if done % int(tc.ckpt_every) == 0 or done == end:
+                self._checkpoint(done, [f"iter_{done:06d}.pth", "last.pth"])
+        progress.close()
+        self.metrics.close()
+        return self.best
+
+    def _summarise(self, window: list[dict[str, float]], lrs: dict, grad_norm: float | None, done: int,
+                   start: float) -> dict[str, float]:  # fmt: skip
+        keys = sorted({key for logs in window for key in logs})
+        means = {key: float(np.mean([logs[key] for logs in window if key in logs])) for key in keys}
+        # ranks may lack a key (e.g. L_mem skipped on one): average what every rank has
+        shared = dist.all_gather_object(sorted(means))
+        common = set(shared[0]).intersection(*map(set, shared[1:]))
+        record = dist.reduce_dict_mean({k: v for k, v in means.items() if k in common}, self.device)
+        record.update({f"lr_{name}": lr for name, lr in lrs.items() if not name.endswith("_no_decay")})
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        record["seconds"] = time.time() - start
+        self.metrics.log(done, record)
+        logger.info("step %d/%d  %s", done, int(self.cfg.train.max_iters),
+                    "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_")))  # fmt: skip
+        return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    try:
+        trainer = Trainer(cfg)
+        best = trainer.fit()
+        if dist.is_main_process() and best["step"] >= 0:
+            logger.info("best %s %.4f at step %d", best["metric"], best["score"], best["step"])
+        return 0
+    except TrainingDiverged as err:
+        logger.error("%s", err)
+        return 3
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Inference helpers shared by validation and the tools: segmentation logits with scales, flips and fusion (§5.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import normalize
+
+FUSIONS = ("sum", "mean", "max")
+
+
+def _fuse(stack: torch.Tensor, rule: str, what: str) -> torch.Tensor:
+    if rule == "sum":
+        return stack.sum(dim=0)
+    if rule == "mean":
+        return stack.mean(dim=0)
+    if rule == "max":
+        return stack.amax(dim=0)
+    raise ValueError(f"{what} must be one of {FUSIONS}, got {rule!r}")
+
+
+def resize_long_side(images: torch.Tensor, long_side: int | None) -> torch.Tensor:
+    """Resize ``[B, 3, H, W]`` so that max(H, W) == ``long_side`` (bilinear); None leaves it unchanged."""
+    if long_side is None:
+        return images
+    height, width = images.shape[-2:]
+    factor = long_side / max(height, width)
+    size = (max(1, round(height * factor)), max(1, round(width * factor)))
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def predict_seg_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+    flip_fusion: str = "sum",
+    scale_fusion: str = "max",
+    resize: int | None = None,
+) -> torch.Tensor:
+    """Multi-scale (+ flip) segmentation logits at the input resolution.
+
+    Args:
+        model: an ``MSFC`` (its ``patch_size`` rounds every scaled size to whole patches).
+        images: ``[B, 3, H, W]`` uint8 or float in [0, 1].
+        scales: resize factors, applied after ``resize``.
+        flip: also run each scale's horizontal flip (one batch with the original).
+        flip_fusion / scale_fusion: ``sum`` | ``mean`` | ``max`` (SPEC §5.2; VOC: sum over flips, max over scales).
+        resize: resize the long side to this first (COCO: 448); None = full resolution.
+
+    Returns:
+        ``[B, C, H, W]`` float32 logits, fused over flips then scales, upsampled to the input size.
+    """
+    height, width = images.shape[-2:]
+    base = resize_long_side(images.float() / (255.0 if images.dtype == torch.uint8 else 1.0), resize)
+    patch = model.patch_size
+    per_scale = []
+    for scale in scales:
+        size = [max(patch, round(side * scale / patch) * patch) for side in base.shape[-2:]]
+        x = normalize(F.interpolate(base, size=size, mode="bilinear", align_corners=False))
+        batch = torch.cat([x, x.flip(-1)]) if flip else x
+        logits = model(batch, with_seg=True).seg_logits.float()
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        if flip:
+            logits = _fuse(torch.stack([logits[: len(x)], logits[len(x) :].flip(-1)]), flip_fusion, "eval.flip_fusion")
+        per_scale.append(logits)
+    return _fuse(torch.stack(per_scale), scale_fusion, "eval.scale_fusion")
