@@ -1,0 +1,104 @@
+"""Run-folder helpers shared by the inference tools: the trained model, output folders, resumable sharded work.
+
+Every inference tool reads a trained run folder (``--run RUN`` reloads ``RUN/config.yaml``), shards its images over
+torchrun ranks (``ids[rank::world]``), skips images whose outputs exist (so an interrupted tool resumes), writes each
+output atomically, and shows progress on rank 0.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from models import MSFC, build_model
+from utils import dist
+from utils.checkpoint import checkpoint_dir, load_model_state, read_checkpoint
+from utils.io import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(cfg: DictConfig) -> Path:
+    """The checkpoint named by ``eval.checkpoint``: ``best`` (falls back to ``last``), ``last``, or a path."""
+    choice = str(cfg.eval.checkpoint)
+    folder = checkpoint_dir(cfg.run.out_dir)
+    if choice in ("best", "last"):
+        for name in [f"{choice}.pth", "last.pth"] if choice == "best" else ["last.pth"]:
+            if (folder / name).is_file():
+                return folder / name
+        raise FileNotFoundError(
+            f"no {choice} checkpoint in {folder}: train first, or set eval.checkpoint=PATH to a checkpoint file"
+        )
+    path = Path(choice)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.checkpoint={choice}: file not found")
+    return path
+
+
+def load_trained_model(cfg: DictConfig, device: torch.device) -> MSFC:
+    """Build the run's model from its config and load ``eval.checkpoint`` into it (eval mode, no pretrained download).
+
+    A checkpoint from another model (backbone, number of classes, head sizes) is an error listing the mismatched keys.
+    """
+    path = resolve_checkpoint(cfg)
+    # The checkpoint holds every weight, so skip timm's download / the local backbone file.
+    model = build_model(_without_pretrained(cfg))
+    load_model_state(model, read_checkpoint(path)["model"], str(path))
+    logger.info("loaded %s", path)
+    return model.to(device).eval()
+
+
+def _without_pretrained(cfg: DictConfig) -> DictConfig:
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["model"]["pretrained"] = False
+    plain["model"]["weights"] = None
+    return OmegaConf.create(plain)
+
+
+def split_name(cfg: DictConfig) -> str:
+    """The split the inference tools work on: ``eval.split``, else ``data.val_split``."""
+    return str(cfg.eval.split if cfg.eval.split is not None else cfg.data.val_split)
+
+
+def output_dir(cfg: DictConfig, kind: str, split: str | None = None) -> Path:
+    """``<run.out_dir>/<kind>/<split>`` (e.g. ``cams/val``), created."""
+    folder = Path(cfg.run.out_dir) / kind / (split or split_name(cfg))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def pending_indices(ids: Sequence[str], folder: Path, suffix: str) -> tuple[list[int], int]:
+    """This rank's share of ``ids`` (``[rank::world]``) whose output ``folder/<id><suffix>`` does not exist yet.
+
+    Returns:
+        (indices to process, number of this rank's ids already done).
+    """
+    mine = dist.shard(range(len(ids)))
+    todo = [i for i in mine if not (folder / f"{ids[i]}{suffix}").is_file()]
+    return todo, len(mine) - len(todo)
+
+
+def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Atomically write a compressed ``.npz``."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a ``.npz`` fully (so the file is closed); errors name the file."""
+    try:
+        with np.load(path) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file not found: {path}") from None
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot read {path} (corrupt or not an .npz file): {err}") from err
