@@ -1,0 +1,165 @@
+"""Tests for tools/make_cam.py on a 2-iteration smoke run (SPEC §2.1, §4.5, §5.1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datasets import build_dataset
+from models import normalize
+from tools import make_cam, train
+from utils.cam import multiscale_cam
+from utils.config import load_run_config
+from utils.pseudo_labels import load_cams
+from utils.run import load_npz, load_trained_model
+
+REPO = Path(__file__).resolve().parent.parent
+# float16 keeps 11 significant bits: a value in [0.5, 1] is stored within 2^-11 ≈ 4.9e-4 (half an ulp of 2^-10).
+FP16_TOL = 2.0**-11
+
+
+@pytest.fixture(scope="module")
+def run(voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-iteration smoke run with its val CAMs exported once."""
+    out = tmp_path_factory.mktemp("cam_run")
+    assert train.main(["--config", "configs/smoke.yaml", f"data.root={voc_root}", f"run.out_dir={out}",
+                       "train.max_iters=2"]) == 0  # fmt: skip
+    assert make_cam.main(["--run", str(out)]) == 0
+    return out
+
+
+def _val(run: Path):
+    cfg = load_run_config(run)
+    return cfg, build_dataset(cfg, "val", "eval")
+
+
+def test_every_val_image_has_its_classes_and_float16_maps(run: Path) -> None:
+    _, dataset = _val(run)
+    folder = run / "cams" / "val"
+    assert sorted(p.stem for p in folder.glob("*.npz")) == sorted(dataset.ids)
+    for index, name in enumerate(dataset.ids):
+        item = dataset[index]
+        raw = load_npz(folder / f"{name}.npz")
+        assert raw["classes"].dtype == np.int16
+        assert raw["cam"].dtype == raw["cam_aux"].dtype == np.float16
+        classes, cam, cam_aux = load_cams(folder / f"{name}.npz")
+        assert classes.tolist() == (torch.nonzero(item["label"]).flatten() + 1).tolist()
+        assert cam.shape == cam_aux.shape == (len(classes), *item["img"].shape[-2:])
+        for maps in (cam, cam_aux):
+            assert maps.min() >= 0.0 and maps.max() <= 1.0
+            # §2.1 max-normalisation: every present class peaks at ~1 (max / (max + 1e-5), rounded to float16)
+            np.testing.assert_allclose(maps.reshape(len(classes), -1).max(1), 1.0, atol=FP16_TOL)
+
+
+def test_maps_equal_multiscale_cam_computed_directly(run: Path) -> None:
+    cfg, dataset = _val(run)
+    model = load_trained_model(cfg, torch.device("cpu"))
+    index = 1
+    item = dataset[index]
+    cam, cam_aux = multiscale_cam(model, normalize(item["img"][None]), tuple(cfg.cam.scales), int(cfg.cam.max_batch))
+    present = torch.nonzero(item["label"]).flatten()
+    classes, saved, saved_aux = load_cams(run / "cams" / "val" / f"{dataset.ids[index]}.npz")
+    assert classes.tolist() == (present + 1).tolist()
+    np.testing.assert_allclose(saved, cam[0, present].numpy(), atol=FP16_TOL, rtol=0)
+    np.testing.assert_allclose(saved_aux, cam_aux[0, present].numpy(), atol=FP16_TOL, rtol=0)
+
+
+def test_second_run_does_no_work(run: Path) -> None:
+    folder = run / "cams" / "val"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npz")}
+    summary = make_cam.export_cams(load_run_config(run))
+    assert summary["processed"] == 0 and summary["skipped"] == summary["total"] == len(mtimes)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npz")} == mtimes
+    log = (run / "make_cam.log").read_text()
+    assert f"0 processed, {len(mtimes)} already done (skipped)" in log
+
+
+def test_changed_settings_are_refused(run: Path) -> None:
+    with pytest.raises(ValueError, match=r"cams/val holds outputs made with other settings \(scales"):
+        make_cam.main(["--run", str(run), "cam.scales=[1.0]"])
+
+
+@pytest.mark.slow
+def test_two_process_export_equals_single_process(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sharded"
+    # "--" ends torchrun's own options: without it, its argparse rejects --run as an ambiguous prefix of --run-path
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "tools.make_cam", "--", "--run", str(run), f"run.out_dir={out}",
+               f"eval.checkpoint={run / 'checkpoints' / 'last.pth'}"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    single = sorted((run / "cams" / "val").glob("*.npz"))
+    sharded = sorted((out / "cams" / "val").glob("*.npz"))
+    assert [p.name for p in sharded] == [p.name for p in single]
+    for a, b in zip(single, sharded, strict=True):
+        left, right = load_npz(a), load_npz(b)
+        assert left.keys() == right.keys()
+        for key in left:
+            assert np.array_equal(left[key], right[key]), (a.name, key)
+    # both ranks worked: the summary counts all images as processed in this run
+    assert f"{len(single)} processed, 0 already done" in (out / "make_cam.log").read_text()
+
+
+def test_missing_image_is_a_clear_error(run: Path, tmp_path: Path) -> None:
+    _, dataset = _val(run)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "val.txt").write_text("\n".join([*dataset.ids[:2], "ghost_0001"]) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"1 id\(s\) of split 'val' have no image .*ghost_0001"):
+        make_cam.main(["--run", str(run), f"data.list_dir={lists}"])
+
+
+def test_image_without_present_class_gets_empty_arrays(tmp_path: Path) -> None:
+    cam = torch.rand(20, 5, 6)
+    arrays = make_cam.cam_arrays(cam, cam, torch.zeros(20))
+    assert arrays["classes"].shape == (0,) and arrays["cam"].shape == arrays["cam_aux"].shape == (0, 5, 6)
+    make_cam.save_npz(tmp_path / "empty.npz", arrays)
+    classes, loaded, _ = load_cams(tmp_path / "empty.npz")
+    assert classes.size == 0 and loaded.shape == (0, 5, 6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory fusion (SPEC §4.5, memory.fuse_lambda)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_fuse_memory_known_answer() -> None:
+    # CAM [0, 1, 0.5], S [1, 0, 0.5], λ = 0.5 → CAM + λS = [0.5, 1, 0.75] → minus min 0.5 → [0, 0.5, 0.25]
+    # → divided by (0.5 + 1e-5).
+    cam = torch.tensor([0.0, 1.0, 0.5]).view(1, 1, 1, 3)
+    sim = torch.tensor([1.0, 0.0, 0.5]).view(1, 1, 1, 3)
+    expected = torch.tensor([0.0, 0.5, 0.25]) / (0.5 + 1e-5)
+    torch.testing.assert_close(make_cam.fuse_memory(cam, sim, 0.5).flatten(), expected)
+    assert make_cam.fuse_memory(cam, sim, 0.0) is cam  # λ = 0: fusion off, maps untouched
+
+
+def test_fuse_memory_upsamples_token_similarity() -> None:
+    cam = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    sim = torch.rand(2, 3, 2, 3, generator=torch.Generator().manual_seed(1))
+    fused = make_cam.fuse_memory(cam, sim, 1.0)
+    assert fused.shape == cam.shape
+    flat = fused.flatten(2)
+    torch.testing.assert_close(flat.amin(2), torch.zeros(2, 3))
+    assert (flat.amax(2) <= 1).all() and (flat.amax(2) > 0.999).all()
+
+
+def test_memory_similarity_at_scale_one(run: Path) -> None:
+    cfg, dataset = _val(run)
+    model = load_trained_model(cfg, torch.device("cpu"))
+    item = dataset[0]
+    height, width = item["img"].shape[-2:]
+    label = item["label"][None]
+    sim = make_cam.memory_similarity(model, normalize(item["img"][None]), label)
+    patch = model.patch_size
+    # each side rounded half-up to whole patches, as multiscale_cam does at scale 1.0
+    assert sim.shape == (1, label.shape[1], max(1, int(height / patch + 0.5)), max(1, int(width / patch + 0.5)))
+    absent = label[0] == 0
+    assert not sim[0, absent].any()  # S is zero for absent classes
+    assert sim.min() >= 0 and sim.max() < 1

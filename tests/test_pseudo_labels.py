@@ -1,0 +1,371 @@
+"""Tests for utils/pseudo_labels.py and tools/make_pseudo_labels.py (SPEC §2.4, §2.5)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets import build_dataset
+from models.par import PAR
+from tools import make_pseudo_labels
+from tools.make_cam import cam_arrays
+from utils.cam import online_seg_labels
+from utils.config import config_from_args, load_config, save_config
+from utils.io import read_label_png, voc_palette
+from utils.metrics import cam_to_label
+from utils.pseudo_labels import (
+    argmax_label,
+    cams_to_label,
+    check_settings,
+    dual_label,
+    load_cams,
+    load_soft_label,
+    soft_label,
+    stack_probabilities,
+)
+from utils.run import load_npz, save_npz
+
+IGN = 255
+NUM_CLASSES = 21  # VOC, background included (configs/smoke.yaml inherits it)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hard labels: known answers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_single_threshold_known_answer_with_ties_to_background() -> None:
+    # Two present classes (3, 7) on a 1×5 strip, background plane at 0.5:
+    #   px0 max 0.2 ≤ 0.5 → 0;  px1 max 0.7 (class 7) → 7;  px2 0.5 ties the plane → 0 (background wins ties);
+    #   px3 max 0.9 (class 3) → 3;  px4 0.8 = 0.8 ties between classes → the first, 3.
+    cam = np.array([[[0.2, 0.6, 0.5, 0.9, 0.8]], [[0.1, 0.7, 0.5, 0.3, 0.8]]], dtype=np.float32)
+    expected = np.array([[0, 7, 0, 3, 3]], dtype=np.uint8)
+    label = cams_to_label(cam, [3, 7], bkg_thre=0.5)
+    assert label.dtype == np.uint8
+    np.testing.assert_array_equal(label, expected)
+    np.testing.assert_array_equal(
+        label, cam_to_label(cam, np.array([3, 7]), 0.5, (1, 5))
+    )  # same rule as CAM evaluation
+
+
+def test_dual_threshold_band_is_ignored() -> None:
+    # high 0.7, low 0.25, one class (id 4). v ≤ low → 0 (0.25 ties low: background in both stacks); low < v ≤ high
+    # → 255 (label_h background, label_l foreground; 0.7 ties high: background in label_h); v > high → 4.
+    cam = np.array([[[0.1, 0.25, 0.3, 0.5, 0.7, 0.71, 1.0]]], dtype=np.float32)
+    expected = np.array([[0, 0, IGN, IGN, IGN, 4, 4]], dtype=np.uint8)
+    np.testing.assert_array_equal(cams_to_label(cam, [4], high=0.7, low=0.25, dual=True), expected)
+
+
+def test_dual_label_rule() -> None:
+    label_h = np.array([[0, 0, 5, 5]], dtype=np.uint8)
+    label_l = np.array([[0, 5, 5, 6]], dtype=np.uint8)
+    # foreground of label_h wins; both background → 0; label_h background but label_l not → 255
+    np.testing.assert_array_equal(dual_label(label_h, label_l), [[0, IGN, 5, 5]])
+
+
+def test_class_masking_keeps_only_present_classes() -> None:
+    # cam_arrays (tools.make_cam) keeps the channels of the image's labels only: the absent class 2 has the largest
+    # scores everywhere, yet no pixel may take its id; the present class 4 (index 3) wins where it beats 0.5.
+    cam = torch.zeros(4, 2, 3)
+    cam[1] = 1.0  # absent class id 2
+    cam[3, 0] = 0.8  # present class id 4, first row
+    label = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    arrays = cam_arrays(cam, cam.clone(), label)
+    assert arrays["classes"].tolist() == [4] and arrays["cam"].shape == (1, 2, 3)
+    out = cams_to_label(arrays["cam"].astype(np.float32), arrays["classes"], bkg_thre=0.5)
+    np.testing.assert_array_equal(out, [[4, 4, 4], [0, 0, 0]])
+
+
+def test_no_present_class_is_all_background() -> None:
+    empty = np.zeros((0, 3, 4), dtype=np.float32)
+    for dual in (False, True):
+        np.testing.assert_array_equal(cams_to_label(empty, [], dual=dual), np.zeros((3, 4), np.uint8))
+    # refinement is skipped (nothing to refine), so no image is needed
+    np.testing.assert_array_equal(cams_to_label(empty, [], par=PAR((1,), 1)), np.zeros((3, 4), np.uint8))
+
+
+def test_argmax_label_rejects_mismatched_classes() -> None:
+    with pytest.raises(ValueError, match=r"K\+1=3"):
+        argmax_label(np.zeros((2, 2, 2)), [1, 2])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Refinement
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _square_scene(size: int = 32, lo: int = 8, hi: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """A crisp CAM (1 inside a square, 0 outside) and an image whose colours follow the same square."""
+    cam = np.zeros((1, size, size), dtype=np.float32)
+    cam[0, lo:hi, lo:hi] = 1.0
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    image[..., 2] = 200  # blue background
+    image[lo:hi, lo:hi] = (220, 30, 30)  # red square
+    return cam, image
+
+
+def test_par_keeps_a_crisp_label_crisp() -> None:
+    # The square's edges lie on even pixels, so the ×0.5 downsampling of the §2.4 recipe is exact, and PAR never
+    # averages across the colour edge: the refined label equals the unrefined one pixel for pixel.
+    # Margin: at a square corner, bilinear upsampling mixes 9/16 of the inside probability with 7/16 of the outside
+    # one. With a plane at t, p_fg = σ(1 − t) inside and σ(−t) outside; t = 0.5 gives 9/16·0.622 + 7/16·0.378 = 0.515
+    # > ½ (t = 0.7 would give 0.468 < ½, losing the four corner pixels to the recipe's upsampling, not to PAR).
+    cam, image = _square_scene()
+    par = PAR((1, 2, 4, 8, 12, 24), 10)
+    for dual in (False, True):
+        plain = cams_to_label(cam, [5], bkg_thre=0.5, high=0.5, low=0.25, dual=dual)
+        refined = cams_to_label(cam, [5], image, bkg_thre=0.5, high=0.5, low=0.25, dual=dual, par=par)
+        assert set(np.unique(plain)) == {0, 5}
+        np.testing.assert_array_equal(refined, plain)
+
+
+def test_refinement_snaps_a_shifted_cam_to_the_image_edges() -> None:
+    # The CAM square is shifted 2 px up-left of the image's red square: unrefined, 2·(2·16) − 4 = 60 pixels are
+    # missing and 60 extra (120 wrong). DenseCRF's bilateral kernel (weak unaries: σ(±0.5) = 0.62 / 0.38) pulls the
+    # label onto the colour edges exactly; PAR (convex averaging over similar colours) fixes almost all of it.
+    _, image = _square_scene()
+    cam = np.zeros((1, 32, 32), dtype=np.float32)
+    cam[0, 6:22, 6:22] = 1.0
+    truth = np.zeros((32, 32), dtype=np.uint8)
+    truth[8:24, 8:24] = 5
+    assert (cams_to_label(cam, [5], bkg_thre=0.5) != truth).sum() == 120
+    params = {"iters": 5, "gauss_sxy": 1.0, "gauss_compat": 1, "bilateral_sxy": 20.0, "bilateral_srgb": 5.0,
+              "bilateral_compat": 4}  # fmt: skip
+    np.testing.assert_array_equal(cams_to_label(cam, [5], image, bkg_thre=0.5, crf_params=params), truth)
+    with_par = cams_to_label(cam, [5], image, bkg_thre=0.5, par=PAR((1, 2, 4, 8, 12, 24), 10))
+    assert (with_par != truth).sum() <= 8
+
+
+def test_dual_par_matches_online_seg_labels() -> None:
+    # The offline dual + PAR path is the §2.4 recipe: on one image with its full box it must agree with
+    # utils.cam.online_seg_labels, the online implementation used in training.
+    gen = torch.Generator().manual_seed(0)
+    num_fg, h, w = 6, 24, 20
+    present = [1, 4]  # class ids 2 and 5
+    cam_full = torch.zeros(1, num_fg, h, w)
+    # random maps fading to 0 on the left, so background, ignore band and both classes all occur
+    cam_full[0, present] = torch.rand(len(present), h, w, generator=gen) * torch.linspace(0, 1, w)
+    labels = torch.zeros(1, num_fg)
+    labels[0, present] = 1
+    image = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
+    image01 = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    par = PAR((1, 2, 4), 3)
+    online = online_seg_labels(cam_full, labels, image01, torch.tensor([[0, h, 0, w]]), par, high=0.6, low=0.3)
+    offline = cams_to_label(cam_full[0, present], [2, 5], image, high=0.6, low=0.3, dual=True, par=par)
+    np.testing.assert_array_equal(offline, online[0].numpy())
+    assert {0, 2, 5, IGN} <= set(np.unique(offline))  # the comparison covers every kind of label
+
+
+def test_stack_probabilities_sum_to_one() -> None:
+    cam = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(1))
+    image01 = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(2))
+    for par in (None, PAR((1, 2), 2)):
+        probs = stack_probabilities(cam, (0.7, 0.25), image01, par)
+        assert probs.shape == (2, 4, 10, 12)
+        torch.testing.assert_close(probs.sum(1), torch.ones(2, 10, 12))
+
+
+def test_refinement_needs_the_image() -> None:
+    with pytest.raises(ValueError, match="needs the image"):
+        cams_to_label(np.ones((1, 4, 4), np.float32), [1], par=PAR((1,), 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Soft labels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("uint8", 1 / 255), ("float16", 1e-3)])
+def test_soft_label_round_trip(tmp_path: Path, dtype: str, tol: float) -> None:
+    classes = [3, 17]
+    prob = torch.rand(3, 9, 7, generator=torch.Generator().manual_seed(3)).softmax(0)
+    arrays = soft_label(prob, classes, dtype)
+    # compact: K+1 = 3 channels, background first, never all 21 classes
+    assert arrays["classes"].dtype == np.int16 and arrays["classes"].tolist() == [0, 3, 17]
+    assert arrays["prob"].shape == (3, 9, 7) and arrays["prob"].dtype == np.dtype(dtype)
+    save_npz(tmp_path / "x.npz", arrays)
+    assert load_npz(tmp_path / "x.npz")["prob"].shape == (3, 9, 7)
+    full = load_soft_label(tmp_path / "x.npz", NUM_CLASSES)
+    assert full.shape == (NUM_CLASSES, 9, 7) and full.dtype == np.float32
+    assert np.abs(full[[0, 3, 17]] - prob.numpy()).max() <= tol
+    others = np.setdiff1d(np.arange(NUM_CLASSES), [0, 3, 17])
+    assert not full[others].any()
+
+
+def test_load_soft_label_rejects_out_of_range_class(tmp_path: Path) -> None:
+    save_npz(tmp_path / "bad.npz", soft_label(np.full((2, 2, 2), 0.5), [30]))
+    with pytest.raises(ValueError, match=r"bad\.npz.*0\.\.20"):
+        load_soft_label(tmp_path / "bad.npz", NUM_CLASSES)
+
+
+def test_load_cams_errors_name_the_file(tmp_path: Path) -> None:
+    save_npz(tmp_path / "a.npz", {"classes": np.array([1], np.int16), "cam": np.zeros((1, 2, 2), np.float16)})
+    with pytest.raises(ValueError, match=r"a\.npz lacks key\(s\) \['cam_aux'\]"):
+        load_cams(tmp_path / "a.npz")
+    maps = np.zeros((2, 2, 2), np.float16)
+    save_npz(tmp_path / "b.npz", {"classes": np.array([1], np.int16), "cam": maps, "cam_aux": maps})
+    with pytest.raises(ValueError, match=r"b\.npz: cam must be a float \[K=1, H, W\]"):
+        load_cams(tmp_path / "b.npz")
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        load_cams(tmp_path / "missing.npz")
+
+
+def test_check_settings_refuses_a_changed_resume(tmp_path: Path) -> None:
+    check_settings(tmp_path, {"dual": True, "scales": (1.0, 0.5)}, write=True)
+    check_settings(tmp_path, {"dual": True, "scales": (1.0, 0.5)}, write=True)  # same settings: fine
+    with pytest.raises(ValueError, match=r"dual: True -> False"):
+        check_settings(tmp_path, {"dual": False, "scales": (1.0, 0.5)}, write=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tool, on hand-made CAMs (no training needed: it reads only the config and RUN/cams)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cam_run(voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """A run folder with config.yaml and RUN/cams/val built from the ground truth; returns (run, {id: gt mask})."""
+    run = tmp_path_factory.mktemp("pseudo_run")
+    cfg = load_config("configs/smoke.yaml", [f"data.root={voc_root}", f"run.out_dir={run}"])
+    save_config(cfg, run)
+    dataset = build_dataset(cfg, "val", "eval")
+    folder = run / "cams" / "val"
+    masks = {}
+    for index, name in enumerate(dataset.ids):
+        item = dataset[index]
+        mask = item["mask"].numpy()
+        classes = (torch.nonzero(item["label"]).flatten() + 1).numpy()
+        # CAM of class c: 0.9 on its pixels, 0.05 elsewhere, so a 0.5 background plane reproduces the mask (with
+        # void pixels as background); cam_aux adds a 0.5 band, inside the dual ignore band (0.25, 0.7].
+        cam = np.stack([np.where(mask == c, 0.9, 0.05) for c in classes]).reshape(-1, *mask.shape)
+        cam_aux = np.maximum(cam, 0.5 * (np.arange(mask.shape[1]) % 7 == 0))
+        save_npz(folder / f"{name}.npz", {"classes": classes.astype(np.int16), "cam": cam.astype(np.float16),
+                                          "cam_aux": cam_aux.astype(np.float16)})  # fmt: skip
+        masks[name] = mask
+    return run, masks
+
+
+def _outputs(run: Path) -> Path:
+    return run / "pseudo_labels" / "val"
+
+
+def test_tool_single_threshold_reproduces_the_known_labels(cam_run) -> None:
+    run, masks = cam_run
+    shutil.rmtree(_outputs(run), ignore_errors=True)
+    assert make_pseudo_labels.main(["--run", str(run), "pseudo.dual=false"]) == 0
+    for name, mask in masks.items():
+        path = _outputs(run) / f"{name}.png"
+        with Image.open(path) as image:
+            assert image.mode == "P"
+            palette = np.array(image.getpalette()[: 256 * 3], dtype=np.uint8).reshape(-1, 3)
+            np.testing.assert_array_equal(palette, voc_palette())
+        np.testing.assert_array_equal(read_label_png(path), np.where(mask == IGN, 0, mask))
+
+
+def test_tool_dual_par_soft_matches_the_pure_functions_and_resumes(cam_run) -> None:
+    run, masks = cam_run
+    shutil.rmtree(_outputs(run), ignore_errors=True)
+    args = ["--run", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=true", "pseudo.soft=true"]
+    summary = make_pseudo_labels.make_pseudo_labels(config_from_args(_parse(args)))
+    assert summary["processed"] == len(masks) and summary["skipped"] == 0
+    cfg = load_config(run / "config.yaml")
+    par = PAR(tuple(cfg.par.dilations), int(cfg.par.num_iter))
+    dataset = build_dataset(cfg, "val", "eval")
+    seen = set()
+    for index, name in enumerate(dataset.ids):
+        label = read_label_png(_outputs(run) / f"{name}.png")
+        seen |= set(np.unique(label).tolist())
+        classes, _, cam_aux = load_cams(run / "cams" / "val" / f"{name}.npz")
+        image = dataset[index]["img"].permute(1, 2, 0).numpy()
+        expected = cams_to_label(cam_aux, classes, image, high=0.7, low=0.25, dual=True, par=par)
+        np.testing.assert_array_equal(label, expected)
+        soft = load_npz(_outputs(run) / "soft" / f"{name}.npz")
+        assert soft["classes"].tolist() == [0, *classes.tolist()]  # K+1 channels only
+        assert soft["prob"].shape == (len(classes) + 1, *label.shape) and soft["prob"].dtype == np.uint8
+    assert seen <= set(range(NUM_CLASSES)) | {IGN} and IGN in seen and len(seen) > 2
+    mtimes = {p: p.stat().st_mtime_ns for p in _outputs(run).rglob("*.*")}
+    again = make_pseudo_labels.make_pseudo_labels(config_from_args(_parse(args)))
+    assert again["processed"] == 0 and again["skipped"] == len(masks)
+    assert {p: p.stat().st_mtime_ns for p in _outputs(run).rglob("*.*")} == mtimes
+    # the same folder with other settings is refused, not silently mixed
+    with pytest.raises(ValueError, match="soft_dtype: 'uint8' -> 'float16'"):
+        make_pseudo_labels.main([*args, "pseudo.soft_dtype=float16"])
+    with pytest.raises(ValueError, match="par: True -> False"):
+        make_pseudo_labels.main(["--run", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=false"])
+
+
+def test_tool_crf_path_matches_the_pure_function(cam_run) -> None:
+    run, _ = cam_run
+    shutil.rmtree(_outputs(run), ignore_errors=True)
+    args = ["--run", str(run), "pseudo.dual=false", "pseudo.crf=true", "eval.crf_workers=0", "crf.iters=2"]
+    assert make_pseudo_labels.main(args) == 0
+    cfg = load_config(run / "config.yaml", ["crf.iters=2"])
+    params = dict(cfg.crf)
+    dataset = build_dataset(cfg, "val", "eval")
+    for index, name in enumerate(dataset.ids[:3]):
+        classes, cam, _ = load_cams(run / "cams" / "val" / f"{name}.npz")
+        image = dataset[index]["img"].permute(1, 2, 0).numpy()
+        expected = cams_to_label(cam, classes, image, bkg_thre=0.5, crf_params=params)
+        np.testing.assert_array_equal(read_label_png(_outputs(run) / f"{name}.png"), expected)
+
+
+class _EagerPool:
+    """A stand-in for CRFPool that submits every job before returning any result (maximal look-ahead)."""
+
+    def __init__(self, params: dict) -> None:
+        self.params = params
+
+    def imap(self, jobs):
+        from utils.crf import dense_crf
+
+        queued = list(jobs)
+        for key, image, prob in queued:
+            yield key, dense_crf(image, prob, **self.params)
+
+
+def test_crf_stream_keeps_order_with_items_that_send_no_job(cam_run) -> None:
+    # Items with K = 0 send no CRF job; with dual + soft every other item sends 3. Whatever the pool's look-ahead,
+    # the stream must yield every item once, in input order, with its own refined stacks.
+    run, _ = cam_run
+    cfg = load_config(run / "config.yaml", ["pseudo.crf=true", "pseudo.soft=true", "crf.iters=1"])
+    opts = make_pseudo_labels.Options.from_config(cfg)
+    pipeline = make_pseudo_labels.Pipeline(cfg, opts, torch.device("cpu"))
+    empty = make_pseudo_labels.Prepared(-1, "empty", np.zeros(0, np.int64), torch.ones(3, 1, 4, 4), False, None)
+    image = np.zeros((4, 4, 3), np.uint8)
+    full = [
+        make_pseudo_labels.Prepared(i, f"x{i}", np.array([i + 1]), torch.rand(3, 2, 4, 4).softmax(1), True, image)
+        for i in range(3)
+    ]
+    items = [empty, full[0], empty, empty, full[1], full[2], empty]
+    out = list(pipeline.crf_stream(iter(items), _EagerPool(dict(cfg.crf))))
+    assert [item.name for item in out] == [item.name for item in items]
+    for item in out:
+        assert np.asarray(item.stacks).shape == ((3, 1, 4, 4) if item.name == "empty" else (3, 2, 4, 4))
+
+
+def test_tool_errors_name_the_missing_cams(cam_run, tmp_path: Path) -> None:
+    run, masks = cam_run
+    other = tmp_path / "run"
+    other.mkdir()
+    shutil.copy(run / "config.yaml", other / "config.yaml")
+    with pytest.raises(FileNotFoundError, match=r"no CAM files in .*cams/val.*tools\.make_cam --run"):
+        make_pseudo_labels.main(["--run", str(other)])
+    first, second = sorted(masks)[:2]
+    (other / "cams" / "val").mkdir(parents=True)
+    shutil.copy(run / "cams" / "val" / f"{first}.npz", other / "cams" / "val")
+    with pytest.raises(FileNotFoundError, match=rf"{len(masks) - 1} id\(s\) .*no CAM file.*{second}"):
+        make_pseudo_labels.main(["--run", str(other)])
+
+
+def _parse(args: list[str]):
+    import argparse
+
+    from utils.config import add_config_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return parser.parse_args(args)

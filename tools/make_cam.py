@@ -1,0 +1,190 @@
+"""Export multi-scale CAMs of a trained run (SPEC §2.1, §5.1): one compressed file per image, both branches.
+
+    python -m tools.make_cam --run RUN [key=value ...]
+    torchrun --nproc_per_node=N -m tools.make_cam -- --run RUN [key=value ...]
+
+(torchrun needs the ``--``: its own argparse otherwise rejects ``--run`` as an ambiguous prefix of ``--run-path``.)
+
+For every image of the split (``eval.split``, else ``data.val_split``) at full resolution, writes
+``RUN/cams/<split>/<id>.npz`` with ``classes`` int16 [K] (the image's present class ids 1..C_fg, from its image
+labels — the standard protocol for CAM evaluation and pseudo labels), ``cam`` and ``cam_aux`` float16 [K, H, W] in
+[0, 1] (multi-scale + flip, ``cam.scales``). Images without a present class get K = 0 arrays.
+
+Optional memory fusion (SPEC §4.5, ``memory.fuse_lambda`` = λ > 0, default off): S = the bank similarity of the
+scale-1.0 final tokens (``model.memory.similarity``), bilinearly upsampled to H × W; both branches become
+CAM + λ·S, renormalised per class to [0, 1] like §2.1 (subtract the spatial min, divide by max + 1e-5).
+
+Work is sharded over ranks (``ids[rank::world]``); images whose file exists are skipped (an interrupted export
+resumes, a finished one does nothing); files are written atomically. ``cams/<split>/settings.json`` records the
+checkpoint, scales and λ, and a later run with other settings is refused instead of mixing outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from datasets import build_dataset, collate_eval
+from models import MSFC, fuse_similarity, normalize
+from utils import dist
+from utils.cam import multiscale_cam
+from utils.config import add_config_arguments, config_from_args
+from utils.logging import setup_logging
+from utils.pseudo_labels import check_settings
+from utils.run import load_trained_model, output_dir, pending_indices, resolve_checkpoint, save_npz, split_name
+
+logger = logging.getLogger("tools.make_cam")
+
+# §2.1 renormalisation constant, reused for the fused maps so they lie in [0, 1] like unfused ones.
+_NORM_EPS = 1e-5
+
+
+def renormalise(cam: torch.Tensor) -> torch.Tensor:
+    """Per image and class: subtract the spatial min, divide by (spatial max + 1e-5) (SPEC §2.1). [B, C, H, W]."""
+    cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
+    return cam / (cam.amax(dim=(-2, -1), keepdim=True) + _NORM_EPS)
+
+
+def fuse_memory(cam: torch.Tensor, similarity: torch.Tensor, lam: float) -> torch.Tensor:
+    """``renormalise(CAM + λ·S)`` with S bilinearly resized to the CAM (SPEC §4.5 inference fusion).
+
+    Args:
+        cam: [B, C_fg, H, W] multi-scale CAM in [0, 1].
+        similarity: [B, C_fg, h, w] bank similarity (``MemoryBank.similarity``), in [0, 1).
+        lam: λ; 0 returns ``cam`` unchanged.
+
+    Returns:
+        [B, C_fg, H, W] in [0, 1].
+    """
+    if lam == 0:
+        return cam
+    return renormalise(fuse_similarity(cam, similarity, lam))
+
+
+@torch.no_grad()
+def memory_similarity(model: MSFC, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Bank similarity S of the scale-1.0 final tokens (each side rounded to whole patches, as multiscale_cam does).
+
+    Args:
+        model: the trained network (eval mode).
+        x: normalised images, [B, 3, H, W].
+        labels: multi-hot image labels, [B, C_fg].
+
+    Returns:
+        S, [B, C_fg, h, w] at token resolution.
+    """
+    patch = model.patch_size
+    size = [max(patch, int(np.floor(side / patch + 0.5)) * patch) for side in x.shape[-2:]]
+    if list(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    tokens = model(x, with_seg=False).tokens.float()
+    return model.memory.similarity(tokens, labels.to(tokens.device))
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast for the forward on CUDA (``train.precision``); CPU runs fp32."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if device.type != "cuda" or precision not in dtypes:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtypes[precision])
+
+
+def cam_arrays(cam: torch.Tensor, cam_aux: torch.Tensor, label: torch.Tensor) -> dict[str, np.ndarray]:
+    """The file content of one image: its present classes and their float16 maps.
+
+    Args:
+        cam: [C_fg, H, W] CAM in [0, 1].
+        cam_aux: [C_fg, H, W] auxiliary CAM in [0, 1].
+        label: [C_fg] multi-hot image label.
+
+    Returns:
+        ``{"classes": int16 [K], "cam": float16 [K, H, W], "cam_aux": float16 [K, H, W]}``.
+    """
+    present = torch.nonzero(label > 0.5).flatten().to(cam.device)
+    return {
+        "classes": (present + 1).cpu().numpy().astype(np.int16),
+        "cam": cam[present].float().cpu().numpy().astype(np.float16),
+        "cam_aux": cam_aux[present].float().cpu().numpy().astype(np.float16),
+    }
+
+
+def settings(cfg: DictConfig) -> dict:
+    """What determines the exported maps; a resumed export must match it."""
+    return {
+        "checkpoint": str(resolve_checkpoint(cfg).resolve()),
+        "scales": [float(s) for s in cfg.cam.scales],
+        "fuse_lambda": float(cfg.memory.fuse_lambda),
+    }
+
+
+def export_cams(cfg: DictConfig) -> dict:
+    """Export the split's CAMs into ``RUN/cams/<split>/`` (this rank's share); collective at the end.
+
+    Returns:
+        Summary over all ranks: ``split``, ``folder``, ``total``, ``processed``, ``skipped``, ``seconds``,
+        ``images_per_s``.
+    """
+    lam = float(cfg.memory.fuse_lambda)
+    if lam < 0:
+        raise ValueError(f"memory.fuse_lambda must be >= 0 (0 = no memory fusion), got {lam}")
+    device = dist.init_distributed(cfg.run.device, int(cfg.run.num_threads))
+    rank = dist.get_rank()
+    setup_logging(cfg.run.out_dir, rank, "make_cam.log")
+    split = split_name(cfg)
+    dataset = build_dataset(cfg, split, "eval")
+    folder = output_dir(cfg, "cams", split)
+    check_settings(folder, settings(cfg), write=dist.is_main_process())
+    todo, skipped = pending_indices(dataset.ids, folder, ".npz")
+    start = time.time()
+    if todo:
+        model = load_trained_model(cfg, device)
+        loader = DataLoader(Subset(dataset, todo), batch_size=1, num_workers=int(cfg.data.num_workers),
+                            collate_fn=collate_eval)  # fmt: skip
+        scales, max_batch = tuple(float(s) for s in cfg.cam.scales), int(cfg.cam.max_batch)
+        for item in tqdm(loader, desc=f"cams {split}", disable=rank != 0, dynamic_ncols=True):
+            x = normalize(item["img"][0].to(device)[None])
+            label = item["label"][0].to(device)[None]
+            with _autocast(device, str(cfg.train.precision)):
+                cam, cam_aux = multiscale_cam(model, x, scales, max_batch)
+                if lam > 0:
+                    sim = memory_similarity(model, x, label)
+                    cam, cam_aux = fuse_memory(cam, sim, lam), fuse_memory(cam_aux, sim, lam)
+            save_npz(folder / f"{item['name'][0]}.npz", cam_arrays(cam[0], cam_aux[0], label[0]))
+    seconds = time.time() - start
+    counts = dist.all_gather_object((len(todo), skipped, seconds))  # also the final barrier
+    processed, skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    seconds = max(c[2] for c in counts)
+    summary = {
+        "split": split, "folder": str(folder), "total": len(dataset.ids), "processed": processed, "skipped": skipped,
+        "seconds": seconds, "images_per_s": processed / seconds if processed and seconds > 0 else 0.0,
+    }  # fmt: skip
+    logger.info(
+        "make_cam %s: %d processed, %d already done (skipped), %d in the split | %.1f s, %.2f images/s | %s",
+        split, processed, skipped, summary["total"], seconds, summary["images_per_s"], folder,
+    )  # fmt: skip
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    try:
+        export_cams(cfg)
+        return 0
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Pseudo labels from saved CAMs (SPEC §2.5): hard palette PNGs and, optionally, compact soft labels.
+
+    python -m tools.make_cam --run RUN                      # first: RUN/cams/<split>/<id>.npz
+    python -m tools.make_pseudo_labels --run RUN [key=value ...]
+    torchrun --nproc_per_node=N -m tools.make_pseudo_labels -- --run RUN [key=value ...]   (``--``: see tools.make_cam)
+
+Reads the ``pseudo.cam_key`` branch of ``RUN/cams/<split>/<id>.npz`` and writes ``RUN/pseudo_labels/<split>/<id>.png``
+(VOC colour map; 0 background, class ids, 255 ignore):
+
+- single threshold (``pseudo.dual: false``): background plane at ``pseudo.bkg_thre`` (null ⇒ ``cam.bkg_thre``) +
+  the class-masked CAMs → arg-max, background winning ties;
+- dual (``pseudo.dual: true``): the §2.4 ignore band from planes at ``cam.high_thre`` / ``cam.low_thre``;
+- ``pseudo.par`` / ``pseudo.crf``: the arg-max runs on the softmax over background + present classes, refined by PAR
+  (``par.*``, at half resolution as in §2.4) and/or DenseCRF (``crf.*``, through ``eval.crf_workers`` processes,
+  streamed); every stack is refined (both for dual);
+- ``pseudo.soft``: also ``RUN/pseudo_labels/<split>/soft/<id>.npz`` — the probabilities of the single-threshold stack
+  (``pseudo.bkg_thre``; refined like the hard label) over background + present classes only, ``pseudo.soft_dtype``.
+  Expand one with ``utils.pseudo_labels.load_soft_label``.
+
+Sharded over ranks, resumable (ids whose outputs exist are skipped), atomic writes; ``settings.json`` in the output
+folder refuses a resume with different settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from datasets import build_dataset
+from models.par import PAR
+from utils import dist
+from utils.config import add_config_arguments, config_from_args
+from utils.crf import CRFPool
+from utils.io import read_image, save_label_png
+from utils.logging import setup_logging
+from utils.pseudo_labels import (
+    IGNORE_INDEX,
+    SOFT_DTYPES,
+    check_image,
+    check_settings,
+    label_thresholds,
+    labels_from_stacks,
+    load_cams,
+    score_stacks,
+    soft_label,
+    stack_probabilities,
+)
+from utils.run import output_dir, pending_indices, save_npz, split_name
+
+logger = logging.getLogger("tools.make_pseudo_labels")
+
+CAM_KEYS = ("cam", "cam_aux")
+# How many offending ids an error message lists.
+SHOW_IDS = 5
+
+
+@dataclass
+class Options:
+    """The ``pseudo.*`` settings with their fallbacks resolved (plain values, read once from the config)."""
+
+    cam_key: str
+    bkg_thre: float
+    high: float
+    low: float
+    dual: bool
+    par: bool
+    crf: bool
+    soft: bool
+    soft_dtype: str
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Options:
+        p = cfg.pseudo
+        if p.cam_key not in CAM_KEYS:
+            raise ValueError(f"pseudo.cam_key must be one of {CAM_KEYS}, got {p.cam_key!r}")
+        if p.soft_dtype not in SOFT_DTYPES:
+            raise ValueError(f"pseudo.soft_dtype must be one of {SOFT_DTYPES}, got {p.soft_dtype!r}")
+        bkg = cfg.cam.bkg_thre if p.bkg_thre is None else p.bkg_thre
+        return cls(
+            cam_key=str(p.cam_key), bkg_thre=float(bkg), high=float(cfg.cam.high_thre), low=float(cfg.cam.low_thre),
+            dual=bool(p.dual), par=bool(p.par), crf=bool(p.crf), soft=bool(p.soft), soft_dtype=str(p.soft_dtype),
+        )  # fmt: skip
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """Background planes of every stack: the hard label's, then the soft label's when it needs its own."""
+        hard = label_thresholds(self.bkg_thre, self.high, self.low, self.dual)
+        return (*hard, self.bkg_thre) if self.soft and self.dual else hard
+
+    @property
+    def soft_stack(self) -> int:
+        """Index of the single-threshold (``bkg_thre``) stack among :attr:`thresholds`."""
+        return 2 if self.dual else 0
+
+
+def settings(cfg: DictConfig, opts: Options) -> dict:
+    """What determines the hard labels and soft probabilities.
+
+    ``pseudo.soft`` and ``pseudo.soft_dtype`` are left out: turning soft labels on later only adds files, and their
+    storage type is recorded by the ``soft/`` folder's own settings.
+    """
+    out = {k: v for k, v in vars(opts).items() if k not in ("soft", "soft_dtype")}
+    if opts.par:
+        out["par_params"] = OmegaConf.to_container(cfg.par, resolve=True)
+    if opts.crf:
+        out["crf_params"] = OmegaConf.to_container(cfg.crf, resolve=True)
+    return out
+
+
+@dataclass
+class Prepared:
+    """One image on its way through the pipeline: stacks [S, K+1, H, W] (raw scores, or probabilities)."""
+
+    index: int
+    name: str
+    classes: np.ndarray
+    stacks: torch.Tensor | np.ndarray
+    is_prob: bool
+    image: np.ndarray | None
+
+
+def cam_folder(cfg: DictConfig, split: str, ids: list[str]) -> Path:
+    """``RUN/cams/<split>``, checked to hold a CAM file for every id of the split."""
+    folder = Path(cfg.run.out_dir) / "cams" / split
+    command = f"python -m tools.make_cam --run {cfg.run.out_dir}"
+    if not folder.is_dir() or not any(folder.glob("*.npz")):
+        raise FileNotFoundError(f"no CAM files in {folder}: export them first with `{command}` (eval.split={split})")
+    on_disk = {p.stem for p in folder.glob("*.npz")}
+    missing = [i for i in ids if i not in on_disk]
+    if missing:
+        shown = ", ".join(missing[:SHOW_IDS]) + (f", ... ({len(missing)} in all)" if len(missing) > SHOW_IDS else "")
+        raise FileNotFoundError(
+            f"{len(missing)} id(s) of split {split!r} have no CAM file {folder}/<id>.npz: {shown}; "
+            f"finish the export with `{command}`"
+        )
+    return folder
+
+
+class Pipeline:
+    """CAM file → stacks (→ PAR) (→ DenseCRF) → hard label (+ soft label), one image at a time."""
+
+    def __init__(self, cfg: DictConfig, opts: Options, device: torch.device) -> None:
+        self.opts = opts
+        self.device = device
+        self.par = PAR(tuple(int(d) for d in cfg.par.dilations), int(cfg.par.num_iter)) if opts.par else None
+        self.crf_params = OmegaConf.to_container(cfg.crf, resolve=True) if opts.crf else None
+        self.refine = opts.par or opts.crf
+
+    def prepare(self, index: int, name: str, cam_path: Path, image_path: Path) -> Prepared:
+        classes, cam, cam_aux = load_cams(cam_path)
+        maps = torch.from_numpy(cam if self.opts.cam_key == "cam" else cam_aux).to(self.device)
+        thresholds = self.opts.thresholds
+        if not self.refine or len(classes) == 0:  # K = 0: every stack is the background plane alone
+            return Prepared(index, name, classes, score_stacks(maps, thresholds), False, None)
+        image = read_image(image_path)
+        check_image(image, tuple(maps.shape[-2:]), f"image {image_path} (CAM file {cam_path})")
+        image01 = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float() / 255.0
+        probs = stack_probabilities(maps, thresholds, image01, self.par)
+        return Prepared(index, name, classes, probs, True, image if self.crf_params is not None else None)
+
+    def crf_stream(self, items: Iterable[Prepared], pool: CRFPool) -> Iterator[Prepared]:
+        """Refine every stack of every item through ``pool`` (lazily, bounded by the pool), in order."""
+        waiting: deque[Prepared] = deque()
+        done: dict[int, list[np.ndarray]] = {}
+
+        def jobs() -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
+            for item in items:
+                waiting.append(item)
+                if item.image is not None:
+                    for s, prob in enumerate(item.stacks.cpu().numpy()):
+                        yield (item.index, s), item.image, prob
+
+        def complete(item: Prepared) -> bool:  # items without an image (K = 0) send no job
+            return item.image is None or len(done.get(item.index, ())) == len(item.stacks)
+
+        def ready() -> Iterator[Prepared]:
+            # results arrive in job order, so only the oldest waiting item can be the next to complete
+            while waiting and complete(waiting[0]):
+                item = waiting.popleft()
+                if item.image is not None:
+                    item.stacks = np.stack(done.pop(item.index))
+                yield item
+
+        for (index, _), refined in pool.imap(jobs()):
+            done.setdefault(index, []).append(refined)
+            yield from ready()
+        yield from ready()
+
+    def finish(self, item: Prepared) -> tuple[np.ndarray, dict | None]:
+        """(hard label uint8 [H, W], soft-label arrays or None)."""
+        label = labels_from_stacks(item.stacks, item.classes, self.opts.dual)
+        if not self.opts.soft:
+            return label, None
+        stack = torch.as_tensor(item.stacks[self.opts.soft_stack]).float()
+        prob = stack if item.is_prob else stack.softmax(dim=0)
+        return label, soft_label(prob, item.classes, self.opts.soft_dtype)
+
+
+def make_pseudo_labels(cfg: DictConfig) -> dict:
+    """Write the split's pseudo labels into ``RUN/pseudo_labels/<split>/`` (this rank's share); collective at the end.
+
+    Returns:
+        Summary over all ranks: ``split``, ``folder``, ``total``, ``processed``, ``skipped``, ``seconds``,
+        ``images_per_s``, ``ignored`` and ``foreground`` (pixel fractions of the processed labels).
+    """
+    device = dist.init_distributed(cfg.run.device, int(cfg.run.num_threads))
+    rank = dist.get_rank()
+    setup_logging(cfg.run.out_dir, rank, "make_pseudo_labels.log")
+    opts = Options.from_config(cfg)
+    split = split_name(cfg)
+    dataset = build_dataset(cfg, split, "eval")
+    ids = dataset.ids
+    cams = cam_folder(cfg, split, ids)
+    folder = output_dir(cfg, "pseudo_labels", split)
+    check_settings(folder, settings(cfg, opts), write=dist.is_main_process())
+    if opts.soft:
+        (folder / "soft").mkdir(exist_ok=True)
+        check_settings(folder / "soft", {"soft_dtype": opts.soft_dtype}, write=dist.is_main_process())
+    todo, skipped = pending_indices(ids, folder, ".png")
+    if opts.soft:
+        todo_soft, _ = pending_indices(ids, folder / "soft", ".npz")
+        mine = len(todo) + skipped
+        todo = sorted(set(todo) | set(todo_soft))
+        skipped = mine - len(todo)
+    pipeline = Pipeline(cfg, opts, device)
+    start, pixels = time.time(), np.zeros(3, dtype=np.int64)  # all, ignored, foreground
+    items = (pipeline.prepare(i, ids[i], cams / f"{ids[i]}.npz", dataset.image_paths[i]) for i in todo)
+    workers = int(cfg.eval.crf_workers) if opts.crf else 0
+    with CRFPool(workers, **(pipeline.crf_params or {})) as pool:
+        stream = pipeline.crf_stream(items, pool) if opts.crf else items
+        for item in tqdm(stream, total=len(todo), desc=f"pseudo {split}", disable=rank != 0, dynamic_ncols=True):
+            label, soft = pipeline.finish(item)
+            if soft is not None:
+                save_npz(folder / "soft" / f"{item.name}.npz", soft)
+            save_label_png(folder / f"{item.name}.png", label)
+            pixels += (
+                label.size,
+                int((label == IGNORE_INDEX).sum()),
+                int(((label > 0) & (label < IGNORE_INDEX)).sum()),
+            )
+    seconds = time.time() - start
+    counts = dist.all_gather_object((len(todo), skipped, seconds, pixels.tolist()))  # also the final barrier
+    processed, skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    seconds = max(c[2] for c in counts)
+    total_pixels = np.sum([c[3] for c in counts], axis=0)
+    summary = {
+        "split": split, "folder": str(folder), "total": len(ids), "processed": processed, "skipped": skipped,
+        "seconds": seconds, "images_per_s": processed / seconds if processed and seconds > 0 else 0.0,
+        "ignored": float(total_pixels[1] / max(1, total_pixels[0])),
+        "foreground": float(total_pixels[2] / max(1, total_pixels[0])),
+    }  # fmt: skip
+    logger.info(
+        "make_pseudo_labels %s (%s, %s%s%s%s): %d processed, %d already done (skipped), %d in the split | "
+        "%.1f%% ignored, %.1f%% foreground | %.1f s, %.2f images/s | %s",
+        split, opts.cam_key, "dual" if opts.dual else f"bkg_thre {opts.bkg_thre}", " +PAR" if opts.par else "",
+        " +CRF" if opts.crf else "", " +soft" if opts.soft else "", processed, skipped, len(ids),
+        100 * summary["ignored"], 100 * summary["foreground"], seconds, summary["images_per_s"], folder,
+    )  # fmt: skip
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    try:
+        make_pseudo_labels(cfg)
+        return 0
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Offline pseudo labels from saved CAMs (SPEC §2.5): pure functions shared by tools/make_cam.py,
+tools/make_pseudo_labels.py and the tests.
+
+Files (docs/design.md, "Run folder"):
+
+- ``RUN/cams/<split>/<id>.npz``: ``classes`` int16 [K] (present class ids 1..C_fg), ``cam`` / ``cam_aux`` float16
+  [K, H, W] — read with :func:`load_cams`;
+- ``RUN/pseudo_labels/<split>/soft/<id>.npz``: ``classes`` int16 [K+1] (0 = background first, then the present ids),
+  ``prob`` [K+1, H, W] uint8 (``round(p·255)``) or float16 — written from :func:`soft_label`, expanded back to all C
+  classes with :func:`load_soft_label`.
+
+Labels are built from *score stacks*: a constant background plane prepended to the present classes' CAMs,
+``[K+1, H, W]`` with channel 0 = background and channel k = ``classes[k-1]``. The arg-max of a stack picks the first
+of equal maxima, so background wins ties, as in :func:`utils.metrics.cam_to_label`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from utils.crf import dense_crf
+from utils.io import atomic_write_json
+from utils.run import load_npz
+
+IGNORE_INDEX = 255
+SOFT_DTYPES = ("uint8", "float16")
+# uint8 soft labels store round(p · 255); loading divides by the same number.
+_UINT8_SCALE = 255.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading saved CAMs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_cams(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read one CAM file written by ``tools.make_cam``.
+
+    Args:
+        path: ``RUN/cams/<split>/<id>.npz``.
+
+    Returns:
+        (classes int64 [K] in 1..254, cam float32 [K, H, W], cam_aux float32 [K, H, W]); K may be 0.
+
+    Raises:
+        FileNotFoundError / OSError: the file is missing or not a readable ``.npz``.
+        ValueError: a key is missing or the arrays disagree in shape or hold invalid values; the message names the file.
+    """
+    data = load_npz(path)
+    missing = [key for key in ("classes", "cam", "cam_aux") if key not in data]
+    if missing:
+        raise ValueError(
+            f"CAM file {path} lacks key(s) {missing}; expected classes [K], cam [K, H, W], cam_aux [K, H, W] "
+            "(written by tools.make_cam)"
+        )
+    classes, cam, cam_aux = data["classes"], data["cam"], data["cam_aux"]
+    if classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer):
+        raise ValueError(f"CAM file {path}: classes must be an integer [K] array, got {classes.dtype} {classes.shape}")
+    k = classes.shape[0]
+    for name, maps in (("cam", cam), ("cam_aux", cam_aux)):
+        if maps.ndim != 3 or maps.shape[0] != k or not np.issubdtype(maps.dtype, np.floating):
+            raise ValueError(
+                f"CAM file {path}: {name} must be a float [K={k}, H, W] array, got {maps.dtype} {maps.shape}"
+            )
+    if cam.shape != cam_aux.shape:
+        raise ValueError(f"CAM file {path}: cam {cam.shape} and cam_aux {cam_aux.shape} differ in shape")
+    if k and (classes.min() < 1 or classes.max() >= IGNORE_INDEX or len(np.unique(classes)) != k):
+        raise ValueError(f"CAM file {path}: classes must be distinct foreground ids in 1..254, got {classes.tolist()}")
+    return classes.astype(np.int64), cam.astype(np.float32), cam_aux.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Score stacks, refinement, labels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _as_tensor(x: Tensor | np.ndarray, device: torch.device | None = None) -> Tensor:
+    tensor = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+    return tensor.to(device=device if device is not None else tensor.device, dtype=torch.float32)
+
+
+def _check_cam(cam: Tensor, classes: np.ndarray) -> None:
+    if cam.dim() != 3 or cam.shape[0] != len(classes):
+        raise ValueError(f"cam must be [K={len(classes)}, H, W] (K = len(classes)), got shape {tuple(cam.shape)}")
+
+
+def score_stacks(cam: Tensor | np.ndarray, thresholds: Sequence[float]) -> Tensor:
+    """Prepend a constant background plane at each threshold to the CAMs (SPEC §2.4, §2.5).
+
+    Args:
+        cam: class-masked CAMs of the present classes, [K, H, W].
+        thresholds: background scores, one stack each.
+
+    Returns:
+        float32 [S, K+1, H, W], S = len(thresholds); channel 0 is the background plane.
+    """
+    cam = _as_tensor(cam)
+    if cam.dim() != 3:
+        raise ValueError(f"score_stacks: cam must be [K, H, W], got shape {tuple(cam.shape)}")
+    planes = torch.tensor([float(t) for t in thresholds], dtype=cam.dtype, device=cam.device)
+    background = planes[:, None, None, None].expand(-1, 1, *cam.shape[-2:])
+    return torch.cat([background, cam[None].expand(len(planes), -1, -1, -1)], dim=1)
+
+
+def stack_probabilities(
+    cam: Tensor | np.ndarray,
+    thresholds: Sequence[float],
+    image01: Tensor | None = None,
+    par: torch.nn.Module | None = None,
+) -> Tensor:
+    """Softmax over background + present classes of each score stack, optionally refined by PAR (SPEC §2.4 recipe).
+
+    Without PAR the softmax is taken at full resolution. With PAR, as in §2.4: the stacks are downsampled ×0.5
+    (bilinear), soft-maxed, refined by ``par`` on the image downsampled ×0.5 (PAR runs at half resolution, §1.3) and
+    upsampled back. All stacks share one PAR call, so its affinities are computed once per image. PAR is a convex
+    averaging and bilinear resizing preserves sums, so every pixel still sums to 1.
+
+    Args:
+        cam: [K, H, W] CAMs of the present classes.
+        thresholds: one background plane per stack.
+        image01: RGB image in [0, 1], [3, H, W]; required with ``par``.
+        par: a :class:`models.par.PAR`, or None.
+
+    Returns:
+        float32 [S, K+1, H, W] probabilities.
+    """
+    stacks = score_stacks(cam, thresholds)
+    num_stacks, channels, height, width = stacks.shape
+    if par is None:
+        return stacks.softmax(dim=1)
+    if image01 is None or image01.dim() != 3 or image01.shape[0] != 3 or tuple(image01.shape[-2:]) != (height, width):
+        shape = None if image01 is None else tuple(image01.shape)
+        raise ValueError(f"stack_probabilities: PAR needs image01 [3, {height}, {width}] in [0, 1], got {shape}")
+    half = (max(1, height // 2), max(1, width // 2))
+    small = F.interpolate(stacks, size=half, mode="bilinear", align_corners=False).softmax(dim=1)
+    image_small = F.interpolate(image01[None].to(stacks), size=half, mode="bilinear", align_corners=False)
+    refined = par(image_small, small.reshape(1, num_stacks * channels, *half))
+    refined = F.interpolate(refined.float(), size=(height, width), mode="bilinear", align_corners=False)
+    return refined.reshape(num_stacks, channels, height, width)
+
+
+def argmax_label(scores: Tensor | np.ndarray, classes: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Hard label of one stack: arg-max over [background, classes...]; background wins ties.
+
+    Args:
+        scores: [K+1, H, W] (raw score stack or probabilities), channel 0 = background.
+        classes: the K class ids of channels 1..K.
+
+    Returns:
+        uint8 [H, W] class ids (0 = background).
+    """
+    scores = _as_tensor(scores)
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    if scores.dim() != 3 or scores.shape[0] != len(classes) + 1:
+        raise ValueError(f"argmax_label: scores must be [K+1={len(classes) + 1}, H, W], got {tuple(scores.shape)}")
+    # torch.argmax returns the first maximal index, so channel 0 (background) wins every tie.
+    index = scores.argmax(dim=0).cpu().numpy()
+    lookup = np.concatenate([[0], classes]).astype(np.uint8)
+    return lookup[index]
+
+
+def dual_label(label_h: np.ndarray, label_l: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """SPEC §2.4 ignore band: label_h where it is foreground, 0 where both are background, ``ignore_index`` else.
+
+    Args:
+        label_h: [H, W] label of the stack with its background plane at ``high_thre``.
+        label_l: [H, W] label of the stack with its background plane at ``low_thre``.
+
+    Returns:
+        uint8 [H, W].
+    """
+    if label_h.shape != label_l.shape:
+        raise ValueError(f"dual_label: label_h {label_h.shape} and label_l {label_l.shape} differ in shape")
+    out = np.full(label_h.shape, ignore_index, dtype=np.uint8)
+    out[(label_h == 0) & (label_l == 0)] = 0
+    return np.where(label_h > 0, label_h, out).astype(np.uint8)
+
+
+def label_thresholds(bkg_thre: float, high: float, low: float, dual: bool) -> tuple[float, ...]:
+    """Background planes of the hard label: (high, low) for the dual band, else (bkg_thre,)."""
+    return (float(high), float(low)) if dual else (float(bkg_thre),)
+
+
+def labels_from_stacks(stacks: Tensor | np.ndarray, classes: Sequence[int] | np.ndarray, dual: bool) -> np.ndarray:
+    """Hard label from the stacks of :func:`label_thresholds` (raw scores or probabilities).
+
+    Args:
+        stacks: [S, K+1, H, W] with S = 2 (high, low) when ``dual``, else S ≥ 1 (only the first is used).
+        classes: the K present class ids.
+        dual: apply the ignore band of :func:`dual_label`.
+
+    Returns:
+        uint8 [H, W] in {0} ∪ classes (∪ {255} when dual).
+    """
+    if dual:
+        if len(stacks) < 2:
+            raise ValueError(f"labels_from_stacks: dual needs 2 stacks (high, low), got {len(stacks)}")
+        return dual_label(argmax_label(stacks[0], classes), argmax_label(stacks[1], classes))
+    return argmax_label(stacks[0], classes)
+
+
+def crf_refine(probs: Tensor | np.ndarray, image: np.ndarray, crf_params: Mapping[str, Any]) -> np.ndarray:
+    """DenseCRF on each stack of probabilities (in this process; the tool streams the same jobs through CRFPool).
+
+    Args:
+        probs: [S, K+1, H, W] probabilities.
+        image: uint8 [H, W, 3] RGB.
+        crf_params: keyword arguments of :func:`utils.crf.dense_crf` (the ``crf.*`` config keys).
+
+    Returns:
+        float32 [S, K+1, H, W] refined marginals.
+    """
+    probs_np = probs.detach().cpu().numpy() if isinstance(probs, Tensor) else np.asarray(probs)
+    return np.stack([dense_crf(image, stack, **dict(crf_params)) for stack in probs_np])
+
+
+def check_image(image: np.ndarray, size: tuple[int, int], where: str) -> None:
+    """Raise unless ``image`` is uint8 [H, W, 3] with (H, W) == ``size``; ``where`` names the file or caller."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{where}: image must be uint8 [H, W, 3], got {getattr(image, 'dtype', type(image))} "
+                         f"{getattr(image, 'shape', '')}")  # fmt: skip
+    if tuple(image.shape[:2]) != tuple(size):
+        raise ValueError(f"{where}: image is {image.shape[0]}×{image.shape[1]} but its CAMs are {size[0]}×{size[1]}")
+
+
+def cams_to_label(
+    cam: Tensor | np.ndarray,
+    classes: Sequence[int] | np.ndarray,
+    image: np.ndarray | None = None,
+    bkg_thre: float = 0.5,
+    high: float = 0.7,
+    low: float = 0.25,
+    dual: bool = False,
+    par: torch.nn.Module | None = None,
+    crf_params: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """Hard pseudo label of one image from its class-masked CAMs (SPEC §2.5).
+
+    Without refinement the arg-max runs on the raw stacks (identical to :func:`utils.metrics.cam_to_label` for one
+    threshold). With ``par`` and/or ``crf_params`` it runs on the softmax probabilities of
+    :func:`stack_probabilities`, refined by PAR, then by DenseCRF. Images without a present class (K = 0) are all
+    background.
+
+    Args:
+        cam: [K, H, W] CAMs of the present classes, in [0, 1].
+        classes: [K] class ids (1..C_fg).
+        image: uint8 RGB [H, W, 3]; required with ``par`` or ``crf_params``.
+        bkg_thre: background plane of the single-threshold label.
+        high: background plane of label_h (dual).
+        low: background plane of label_l (dual).
+        dual: use the ignore band of §2.4 instead of a single threshold.
+        par: a :class:`models.par.PAR`, or None.
+        crf_params: ``dense_crf`` keyword arguments, or None for no CRF.
+
+    Returns:
+        uint8 [H, W]: 0 background, class ids, 255 ignore (dual only).
+    """
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    cam_t = _as_tensor(cam)
+    _check_cam(cam_t, classes)
+    thresholds = label_thresholds(bkg_thre, high, low, dual)
+    if (par is None and crf_params is None) or len(classes) == 0:
+        return labels_from_stacks(score_stacks(cam_t, thresholds), classes, dual)
+    if image is None:
+        raise ValueError("cams_to_label: PAR / CRF refinement needs the image (uint8 [H, W, 3])")
+    check_image(image, tuple(cam_t.shape[-2:]), "cams_to_label")
+    image01 = torch.from_numpy(image).to(cam_t.device).permute(2, 0, 1).float() / 255.0
+    probs = stack_probabilities(cam_t, thresholds, image01, par)
+    if crf_params is not None:
+        probs = crf_refine(probs, image, crf_params)
+    return labels_from_stacks(probs, classes, dual)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Soft labels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def soft_label(prob: Tensor | np.ndarray, classes: Sequence[int] | np.ndarray, dtype: str = "uint8") -> dict:
+    """Compact soft label of one image: background + present classes only (SPEC §2.5), never all C classes.
+
+    Args:
+        prob: [K+1, H, W] probabilities in [0, 1], channel 0 = background.
+        classes: the K present class ids (channels 1..K).
+        dtype: ``uint8`` (stores round(p·255); error ≤ 1/510) or ``float16``.
+
+    Returns:
+        ``{"classes": int16 [K+1] (0 first), "prob": uint8 | float16 [K+1, H, W]}``, ready for ``save_npz``.
+    """
+    if dtype not in SOFT_DTYPES:
+        raise ValueError(f"soft_label: dtype (pseudo.soft_dtype) must be one of {SOFT_DTYPES}, got {dtype!r}")
+    prob_np = prob.detach().float().cpu().numpy() if isinstance(prob, Tensor) else np.asarray(prob, dtype=np.float32)
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    if prob_np.ndim != 3 or prob_np.shape[0] != len(classes) + 1:
+        raise ValueError(f"soft_label: prob must be [K+1={len(classes) + 1}, H, W], got {prob_np.shape}")
+    prob_np = np.clip(prob_np, 0.0, 1.0)
+    stored = np.rint(prob_np * _UINT8_SCALE).astype(np.uint8) if dtype == "uint8" else prob_np.astype(np.float16)
+    return {"classes": np.concatenate([[0], classes]).astype(np.int16), "prob": stored}
+
+
+def load_soft_label(path: str | Path, num_classes: int) -> np.ndarray:
+    """Expand one compact soft label back to all classes, dequantised (for a second-stage trainer).
+
+    Args:
+        path: ``RUN/pseudo_labels/<split>/soft/<id>.npz``.
+        num_classes: C, background included.
+
+    Returns:
+        float32 [C, H, W]; classes absent from the file are 0.
+    """
+    data = load_npz(path)
+    if "classes" not in data or "prob" not in data:
+        raise ValueError(f"soft label {path} must hold 'classes' [K+1] and 'prob' [K+1, H, W], got {sorted(data)}")
+    classes, prob = data["classes"].astype(np.int64), data["prob"]
+    if prob.ndim != 3 or classes.ndim != 1 or prob.shape[0] != classes.shape[0]:
+        raise ValueError(f"soft label {path}: classes {classes.shape} and prob {prob.shape} do not match ([K+1, H, W])")
+    if classes.size and (classes.min() < 0 or classes.max() >= num_classes or len(np.unique(classes)) != classes.size):
+        raise ValueError(
+            f"soft label {path}: class ids {classes.tolist()} must be distinct and in 0..{num_classes - 1} "
+            f"(num_classes={num_classes})"
+        )
+    if prob.dtype == np.uint8:
+        values = prob.astype(np.float32) / _UINT8_SCALE
+    elif prob.dtype == np.float16:
+        values = prob.astype(np.float32)
+    else:
+        raise ValueError(f"soft label {path}: prob must be uint8 or float16, got {prob.dtype}")
+    out = np.zeros((num_classes, *prob.shape[1:]), dtype=np.float32)
+    out[classes] = values
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output folders made with one set of settings
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_settings(folder: Path, settings: Mapping[str, Any], write: bool) -> None:
+    """Refuse to resume into ``folder`` when its outputs were made with other settings.
+
+    The tools skip ids whose output exists; without this check, changing e.g. ``pseudo.par`` and re-running would
+    silently mix old and new outputs. ``folder/settings.json`` records the settings of the first run.
+
+    Args:
+        folder: the output folder.
+        settings: JSON-serialisable values that determine the outputs.
+        write: record ``settings`` when the folder has none yet (rank 0 only).
+
+    Raises:
+        ValueError: the recorded settings differ; the message lists the keys and how to proceed.
+    """
+    path = folder / "settings.json"
+    plain = json.loads(json.dumps(dict(settings)))  # tuples -> lists, so a re-read compares equal
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {path}: {err}; delete it if the folder's outputs are stale") from err
+        changed = sorted(k for k in set(plain) | set(recorded) if plain.get(k) != recorded.get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {recorded.get(k)!r} -> {plain.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"{folder} holds outputs made with other settings ({diff}); delete the folder to redo them, or run "
+                "with the recorded settings to resume"
+            )
+    elif write:
+        atomic_write_json(path, plain)
