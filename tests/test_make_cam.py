@@ -30,7 +30,7 @@ def run(voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cam_run")
     assert train.main(["--config", "configs/smoke.yaml", f"data.root={voc_root}", f"run.out_dir={out}",
                        "train.max_iters=2"]) == 0  # fmt: skip
-    assert make_cam.main(["--run", str(out)]) == 0
+    assert make_cam.main(["--run-dir", str(out)]) == 0
     return out
 
 
@@ -82,16 +82,16 @@ def test_second_run_does_no_work(run: Path) -> None:
 
 def test_changed_settings_are_refused(run: Path) -> None:
     with pytest.raises(ValueError, match=r"cams/val holds outputs made with other settings \(scales"):
-        make_cam.main(["--run", str(run), "cam.scales=[1.0]"])
+        make_cam.main(["--run-dir", str(run), "cam.scales=[1.0]"])
 
 
 @pytest.mark.slow
 def test_two_process_export_equals_single_process(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "sharded"
-    # "--" ends torchrun's own options: without it, its argparse rejects --run as an ambiguous prefix of --run-path
+    # --run-dir (not --run, which torchrun's own argparse would take for an abbreviation of its --run-path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "tools.make_cam", "--", "--run", str(run), f"run.out_dir={out}",
+               "tools.make_cam", "--run-dir", str(run), f"run.out_dir={out}",
                f"eval.checkpoint={run / 'checkpoints' / 'last.pth'}"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -113,7 +113,7 @@ def test_missing_image_is_a_clear_error(run: Path, tmp_path: Path) -> None:
     lists.mkdir()
     (lists / "val.txt").write_text("\n".join([*dataset.ids[:2], "ghost_0001"]) + "\n")
     with pytest.raises(FileNotFoundError, match=r"1 id\(s\) of split 'val' have no image .*ghost_0001"):
-        make_cam.main(["--run", str(run), f"data.list_dir={lists}"])
+        make_cam.main(["--run-dir", str(run), f"data.list_dir={lists}"])
 
 
 def test_image_without_present_class_gets_empty_arrays(tmp_path: Path) -> None:

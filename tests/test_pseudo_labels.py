@@ -256,7 +256,7 @@ def _outputs(run: Path) -> Path:
 def test_tool_single_threshold_reproduces_the_known_labels(cam_run) -> None:
     run, masks = cam_run
     shutil.rmtree(_outputs(run), ignore_errors=True)
-    assert make_pseudo_labels.main(["--run", str(run), "pseudo.dual=false"]) == 0
+    assert make_pseudo_labels.main(["--run-dir", str(run), "pseudo.dual=false"]) == 0
     for name, mask in masks.items():
         path = _outputs(run) / f"{name}.png"
         with Image.open(path) as image:
@@ -269,7 +269,7 @@ def test_tool_single_threshold_reproduces_the_known_labels(cam_run) -> None:
 def test_tool_dual_par_soft_matches_the_pure_functions_and_resumes(cam_run) -> None:
     run, masks = cam_run
     shutil.rmtree(_outputs(run), ignore_errors=True)
-    args = ["--run", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=true", "pseudo.soft=true"]
+    args = ["--run-dir", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=true", "pseudo.soft=true"]
     summary = make_pseudo_labels.make_pseudo_labels(config_from_args(_parse(args)))
     assert summary["processed"] == len(masks) and summary["skipped"] == 0
     cfg = load_config(run / "config.yaml")
@@ -295,13 +295,13 @@ def test_tool_dual_par_soft_matches_the_pure_functions_and_resumes(cam_run) -> N
     with pytest.raises(ValueError, match="soft_dtype: 'uint8' -> 'float16'"):
         make_pseudo_labels.main([*args, "pseudo.soft_dtype=float16"])
     with pytest.raises(ValueError, match="par: True -> False"):
-        make_pseudo_labels.main(["--run", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=false"])
+        make_pseudo_labels.main(["--run-dir", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=false"])
 
 
 def test_tool_crf_path_matches_the_pure_function(cam_run) -> None:
     run, _ = cam_run
     shutil.rmtree(_outputs(run), ignore_errors=True)
-    args = ["--run", str(run), "pseudo.dual=false", "pseudo.crf=true", "eval.crf_workers=0", "crf.iters=2"]
+    args = ["--run-dir", str(run), "pseudo.dual=false", "pseudo.crf=true", "eval.crf_workers=0", "crf.iters=2"]
     assert make_pseudo_labels.main(args) == 0
     cfg = load_config(run / "config.yaml", ["crf.iters=2"])
     params = dict(cfg.crf)
@@ -353,12 +353,12 @@ def test_tool_errors_name_the_missing_cams(cam_run, tmp_path: Path) -> None:
     other.mkdir()
     shutil.copy(run / "config.yaml", other / "config.yaml")
     with pytest.raises(FileNotFoundError, match=r"no CAM files in .*cams/val.*tools\.make_cam --run"):
-        make_pseudo_labels.main(["--run", str(other)])
+        make_pseudo_labels.main(["--run-dir", str(other)])
     first, second = sorted(masks)[:2]
     (other / "cams" / "val").mkdir(parents=True)
     shutil.copy(run / "cams" / "val" / f"{first}.npz", other / "cams" / "val")
     with pytest.raises(FileNotFoundError, match=rf"{len(masks) - 1} id\(s\) .*no CAM file.*{second}"):
-        make_pseudo_labels.main(["--run", str(other)])
+        make_pseudo_labels.main(["--run-dir", str(other)])
 
 
 def _parse(args: list[str]):

@@ -1,9 +1,7 @@
 """Export multi-scale CAMs of a trained run (SPEC §2.1, §5.1): one compressed file per image, both branches.
 
-    python -m tools.make_cam --run RUN [key=value ...]
-    torchrun --nproc_per_node=N -m tools.make_cam -- --run RUN [key=value ...]
-
-(torchrun needs the ``--``: its own argparse otherwise rejects ``--run`` as an ambiguous prefix of ``--run-path``.)
+    python -m tools.make_cam --run-dir RUN [key=value ...]
+    torchrun --nproc_per_node=N -m tools.make_cam --run-dir RUN [key=value ...]
 
 For every image of the split (``eval.split``, else ``data.val_split``) at full resolution, writes
 ``RUN/cams/<split>/<id>.npz`` with ``classes`` int16 [K] (the image's present class ids 1..C_fg, from its image

@@ -1,8 +1,8 @@
 """Pseudo labels from saved CAMs (SPEC §2.5): hard palette PNGs and, optionally, compact soft labels.
 
-    python -m tools.make_cam --run RUN                      # first: RUN/cams/<split>/<id>.npz
-    python -m tools.make_pseudo_labels --run RUN [key=value ...]
-    torchrun --nproc_per_node=N -m tools.make_pseudo_labels -- --run RUN [key=value ...]   (``--``: see tools.make_cam)
+    python -m tools.make_cam --run-dir RUN                      # first: RUN/cams/<split>/<id>.npz
+    python -m tools.make_pseudo_labels --run-dir RUN [key=value ...]
+    torchrun --nproc_per_node=N -m tools.make_pseudo_labels --run-dir RUN [key=value ...]
 
 Reads the ``pseudo.cam_key`` branch of ``RUN/cams/<split>/<id>.npz`` and writes ``RUN/pseudo_labels/<split>/<id>.png``
 (VOC colour map; 0 background, class ids, 255 ignore):
@@ -133,7 +133,7 @@ class Prepared:
 def cam_folder(cfg: DictConfig, split: str, ids: list[str]) -> Path:
     """``RUN/cams/<split>``, checked to hold a CAM file for every id of the split."""
     folder = Path(cfg.run.out_dir) / "cams" / split
-    command = f"python -m tools.make_cam --run {cfg.run.out_dir}"
+    command = f"python -m tools.make_cam --run-dir {cfg.run.out_dir}"
     if not folder.is_dir() or not any(folder.glob("*.npz")):
         raise FileNotFoundError(f"no CAM files in {folder}: export them first with `{command}` (eval.split={split})")
     on_disk = {p.stem for p in folder.glob("*.npz")}

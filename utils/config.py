@@ -2,9 +2,9 @@
 
 ``configs/base.yaml`` is the schema: every key the code reads. Anything else is rejected with the nearest valid key,
 a value whose type contradicts the schema is rejected, and keys left at ``???`` must be set. The resolved config is
-saved as ``<run.out_dir>/config.yaml`` and every tool can reload it (``--run RUN_DIR``).
+saved as ``<run.out_dir>/config.yaml`` and every tool can reload it (``--run-dir RUN_DIR``).
 
-Command line (all tools): ``--config FILE`` or ``--run RUN_DIR``, then ``key=value`` overrides, e.g.
+Command line (all tools): ``--config FILE`` or ``--run-dir RUN_DIR``, then ``key=value`` overrides, e.g.
 ``python -m tools.train --config configs/voc.yaml data.root=/data/VOC2012 train.max_iters=100``.
 """
 
@@ -193,17 +193,17 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The shared command line: ``--config FILE`` | ``--run RUN_DIR`` followed by ``key=value`` overrides."""
+    """The shared command line: ``--config FILE`` | ``--run-dir RUN_DIR`` followed by ``key=value`` overrides."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, help="experiment YAML (merged over configs/base.yaml)")
-    source.add_argument("--run", type=Path, help="a run folder; its config.yaml is reloaded")
+    source.add_argument("--run-dir", dest="run", type=Path, help="a run folder; its config.yaml is reloaded")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_iters=100")
 
 
 def config_from_args(args: argparse.Namespace) -> DictConfig:
     """Load the config named by :func:`add_config_arguments`' arguments.
 
-    With ``--run`` and no explicit ``run.out_dir`` override, outputs go into that run folder.
+    With ``--run-dir`` and no explicit ``run.out_dir`` override, outputs go into that run folder.
     """
     if args.run is not None:
         overrides = list(args.overrides)

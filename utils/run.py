@@ -1,6 +1,6 @@
 """Run-folder helpers shared by the inference tools: the trained model, output folders, resumable sharded work.
 
-Every inference tool reads a trained run folder (``--run RUN`` reloads ``RUN/config.yaml``), shards its images over
+Every inference tool reads a trained run folder (``--run-dir RUN`` reloads ``RUN/config.yaml``), shards its images over
 torchrun ranks (``ids[rank::world]``), skips images whose outputs exist (so an interrupted tool resumes), writes each
 output atomically, and shows progress on rank 0.
 """

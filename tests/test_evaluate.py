@@ -1,0 +1,215 @@
+"""tools/evaluate.py on hand-made predictions over a hand-made 2-image VOC split with known answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools import evaluate as ev
+from utils.config import load_config, save_config
+from utils.io import save_label_png
+from utils.run import save_npz
+
+REPO = Path(__file__).resolve().parent.parent
+IDS = ("a", "b")
+# 2x4 ground truth; 255 = ignore (the last pixel of "a").
+GT = {
+    "a": np.array([[0, 0, 1, 1], [0, 0, 1, 255]], dtype=np.uint8),
+    "b": np.array([[2, 2, 0, 0], [2, 2, 0, 0]], dtype=np.uint8),
+}
+SEG = {
+    "a": np.array([[0, 1, 1, 1], [0, 0, 1, 1]], dtype=np.uint8),
+    "b": np.array([[2, 2, 2, 0], [0, 2, 0, 0]], dtype=np.uint8),
+}
+# Confusion over the 15 valid pixels (rows GT, columns prediction):
+#   a: GT0 -> 0,1,0,0   GT1 -> 1,1,1          b: GT2 -> 2,2,0,2   GT0 -> 2,0,0,0
+#   M[0,0]=6 M[0,1]=1 M[0,2]=1 | M[1,1]=3 | M[2,0]=1 M[2,2]=3
+#   IoU0 = 6/(6+1+2) = 6/9, IoU1 = 3/(3+1+0) = 3/4, IoU2 = 3/(3+1+1) = 3/5; classes 3..20 have no GT pixel.
+SEG_MIOU = (6 / 9 + 3 / 4 + 3 / 5) / 3
+SEG_PIXEL_ACC = 12 / 15
+PSEUDO = {
+    "a": np.array([[0, 255, 1, 1], [0, 0, 255, 255]], dtype=np.uint8),
+    "b": np.array([[2, 2, 255, 0], [0, 2, 0, 0]], dtype=np.uint8),
+}
+# 255 as background: a: GT0 -> 0,0(255),0,0  GT1 -> 1,1,0(255)   b: GT2 -> 2,2,0,2  GT0 -> 0(255),0,0,0
+#   M[0,0]=8 | M[1,0]=1 M[1,1]=2 | M[2,0]=1 M[2,2]=3: IoU0 = 8/10, IoU1 = 2/3, IoU2 = 3/4.
+PSEUDO_MIOU = (8 / 10 + 2 / 3 + 3 / 4) / 3
+# Labelled pixels only (3 of the 15 valid pixels are 255): M[0,0]=6 | M[1,1]=2 | M[2,0]=1 M[2,2]=3
+#   IoU0 = 6/7, IoU1 = 2/2, IoU2 = 3/4; coverage = 12/15.
+PSEUDO_LABELLED_MIOU = (6 / 7 + 1 + 3 / 4) / 3
+PSEUDO_COVERAGE = 12 / 15
+
+
+def _write_dataset(root: Path) -> None:
+    """A minimal VOC2012 layout: JPEGImages, SegmentationClass and the val list."""
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    for name, gt in GT.items():
+        Image.fromarray(np.full((*gt.shape, 3), 128, dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        save_label_png(root / "SegmentationClass" / f"{name}.png", gt)
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(IDS) + "\n")
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """A run folder (config.yaml only) whose val split is the 2 hand-made images."""
+    root, out = tmp_path / "VOC2012", tmp_path / "run"
+    _write_dataset(root)
+    cfg = load_config(None, [f"data.root={root}", f"run.out_dir={out}", "data.num_workers=0", "run.device=cpu"])
+    save_config(cfg, out)
+    return out
+
+
+def _write_pngs(run: Path, source: str, labels: dict[str, np.ndarray]) -> None:
+    for name, label in labels.items():
+        save_label_png(run / source / "val" / f"{name}.png", label)
+
+
+def _write_cams(run: Path, seed: int = 0) -> None:
+    """CAMs of classes 1 and 2 for both images, including values exactly at sweep thresholds (0.5, 0.25)."""
+    rng = np.random.default_rng(seed)
+    for name in IDS:
+        cam = rng.uniform(0.0, 1.0, size=(2, 2, 4)).astype(np.float16)
+        cam[0, 0, 0], cam[1, 1, 1] = 0.5, 0.25
+        save_npz(run / "cams" / "val" / f"{name}.npz",
+                 {"classes": np.array([1, 2], dtype=np.int16), "cam": cam, "cam_aux": cam[::-1].copy()})  # fmt: skip
+
+
+def _evaluate(run: Path, *args: str) -> dict:
+    assert ev.main(["--run-dir", str(run), *args]) == 0
+    return json.loads((run / "eval" / _json_name(args)).read_text())
+
+
+def _json_name(args: tuple[str, ...]) -> str:
+    source = args[args.index("--source") + 1]
+    name = "cams_aux" if "cam_aux" in args else source
+    return f"{name}_val" + ("_sweep" if "--sweep" in args else "") + ".json"
+
+
+def test_seg_miou_and_accuracy_equal_the_hand_computed_values(run):
+    _write_pngs(run, "seg", SEG)
+    result = _evaluate(run, "--source", "seg")
+    assert result["miou"] == pytest.approx(SEG_MIOU)
+    assert result["pixel_acc"] == pytest.approx(SEG_PIXEL_ACC)
+    assert result["iou"][:3] == pytest.approx([6 / 9, 3 / 4, 3 / 5])
+    assert result["iou"][3:] == [None] * 18  # no GT pixel: not averaged into the mIoU
+    assert result["present"] == [0, 1, 2]
+    assert result["num_images"] == 2 and result["num_pixels"] == 15
+    assert result["source"] == "seg" and result["split"] == "val" and result["checkpoint"] is None
+    assert result["class_names"][1] == "aeroplane" and len(result["class_names"]) == 21
+
+
+def test_pseudo_labels_count_unlabelled_as_background_and_report_labelled_miou_and_coverage(run):
+    _write_pngs(run, "pseudo_labels", PSEUDO)
+    result = _evaluate(run, "--source", "pseudo_labels")
+    assert result["miou"] == pytest.approx(PSEUDO_MIOU)
+    assert result["labelled_miou"] == pytest.approx(PSEUDO_LABELLED_MIOU)
+    assert result["coverage"] == pytest.approx(PSEUDO_COVERAGE)
+    assert result["labelled"]["num_pixels"] == 12
+
+
+def test_seg_prediction_with_ignore_value_is_an_error_naming_the_file(run):
+    _write_pngs(run, "seg", PSEUDO)  # 255 is no class: only pseudo labels may leave pixels unlabelled
+    with pytest.raises(ValueError, match=r"seg/val/a\.png.*255"):
+        ev.main(["--run-dir", str(run), "--source", "seg"])
+
+
+def test_out_of_range_class_is_an_error_naming_the_file(run):
+    _write_pngs(run, "seg", {"a": SEG["a"], "b": np.where(SEG["b"] == 2, 30, SEG["b"]).astype(np.uint8)})
+    with pytest.raises(ValueError, match=r"seg/val/b\.png.*30"):
+        ev.main(["--run-dir", str(run), "--source", "seg"])
+
+
+def test_cam_threshold_sweep_equals_separate_single_threshold_runs(run):
+    _write_cams(run)
+    overrides = ["eval.sweep_start=0.1", "eval.sweep_stop=0.9", "eval.sweep_step=0.2"]
+    swept = _evaluate(run, "--source", "cams", "--sweep", *overrides)
+    thresholds = [r["threshold"] for r in swept["sweep"]]
+    assert thresholds == [0.1, 0.3, 0.5, 0.7, 0.9]
+    mious = []
+    for threshold in thresholds:
+        single = _evaluate(run, "--source", "cams", f"cam.bkg_thre={threshold}")
+        assert single["threshold"] == threshold
+        mious.append(single["miou"])
+    assert [r["miou"] for r in swept["sweep"]] == pytest.approx(mious, abs=1e-12)
+    assert len(set(mious)) > 1  # the thresholds matter on this data, so the comparison has teeth
+    best = max(range(len(mious)), key=lambda i: mious[i])  # max keeps the first (lowest) of equal maxima
+    assert swept["threshold"] == thresholds[best] and swept["miou"] == pytest.approx(mious[best])
+    assert (run / "eval" / "cams_val_sweep.png").stat().st_size > 0
+
+
+def test_cam_aux_branch_is_read_and_named_separately(run):
+    _write_cams(run)
+    main = _evaluate(run, "--source", "cams", "cam.bkg_thre=0.3")
+    aux = _evaluate(run, "--source", "cams", "--cam-key", "cam_aux", "cam.bkg_thre=0.3")
+    assert aux["cam_key"] == "cam_aux" and main["cam_key"] == "cam"
+    assert (run / "eval" / "cams_val.json").is_file() and (run / "eval" / "cams_aux_val.json").is_file()
+    assert aux["miou"] != main["miou"]  # cam_aux holds the class maps swapped, so it scores differently
+
+
+def test_missing_predictions_error_lists_ids_and_the_command(run):
+    _write_pngs(run, "seg_crf", {"a": SEG["a"]})
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 .*: b\. Produce them with: python -m tools\.infer_seg "
+                       r".*eval\.crf=true"):  # fmt: skip
+        ev.main(["--run-dir", str(run), "--source", "seg_crf"])
+
+
+def test_wrong_size_prediction_error_names_prediction_and_ground_truth(run):
+    _write_pngs(run, "seg", {"a": SEG["a"], "b": np.zeros((3, 4), dtype=np.uint8)})
+    with pytest.raises(ValueError, match=r"seg/val/b\.png is 3x4 .*SegmentationClass/b\.png is 2x4"):
+        ev.main(["--run-dir", str(run), "--source", "seg"])
+
+
+def test_cam_file_without_the_branch_is_an_error_naming_it(run):
+    save_npz(run / "cams" / "val" / "a.npz", {"classes": np.array([1], dtype=np.int16)})
+    save_npz(run / "cams" / "val" / "b.npz", {"classes": np.array([1], dtype=np.int16)})
+    with pytest.raises(KeyError, match=r"cams/val/a\.npz lacks array\(s\) \['cam'\]"):
+        ev.main(["--run-dir", str(run), "--source", "cams"])
+
+
+def test_results_log_gets_one_tagged_line_per_call(run, tmp_path):
+    _write_pngs(run, "seg", SEG)
+    _write_pngs(run, "pseudo_labels", PSEUDO)
+    log = tmp_path / "logs" / "results.jsonl"
+    _evaluate(run, "--source", "seg", "--log", str(log), "--tag", "first")
+    _evaluate(run, "--source", "pseudo_labels", f"eval.results_log={log}")  # config key; tag defaults to source
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["tag"] for line in lines] == ["first", "pseudo_labels"]
+    assert lines[0]["miou"] == pytest.approx(SEG_MIOU) and lines[0]["source"] == "seg"
+    assert lines[1]["coverage"] == pytest.approx(PSEUDO_COVERAGE)
+    assert all(line["run"] == str(run) and line["split"] == "val" and "time" in line for line in lines)
+
+
+def test_sweep_is_rejected_for_other_sources(run):
+    with pytest.raises(SystemExit):
+        ev.main(["--run-dir", str(run), "--source", "seg", "--sweep"])
+
+
+def test_sweep_thresholds_are_inclusive_and_free_of_float_drift():
+    values = ev.sweep_thresholds(0.05, 0.95, 0.05)
+    assert len(values) == 19 and values[0] == 0.05 and values[-1] == 0.95
+    assert values[5] == 0.3  # 0.05 + 5 * 0.05 = 0.30000000000000004 before rounding
+    assert ev.sweep_thresholds(0.5, 0.5, 0.1) == [0.5]
+    with pytest.raises(ValueError, match="sweep_step"):
+        ev.sweep_thresholds(0.1, 0.9, 0.0)
+
+
+@pytest.mark.slow
+def test_two_ranks_all_reduce_to_the_single_process_result(run):
+    _write_pngs(run, "seg", SEG)
+    single = _evaluate(run, "--source", "seg")
+    (run / "eval" / "seg_val.json").unlink()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*launch, "-m", "tools.evaluate", "--run-dir", str(run), "--source", "seg"]
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+    sharded = json.loads((run / "eval" / "seg_val.json").read_text())
+    assert sharded["miou"] == pytest.approx(SEG_MIOU)
+    assert sharded["num_pixels"] == single["num_pixels"] == 15  # each rank scored one image; the sum is complete

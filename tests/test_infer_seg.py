@@ -1,0 +1,165 @@
+"""tools/infer_seg.py on a 2-iteration smoke run, and the infer_run_VOC.sh pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets import build_dataset
+from tools import infer_seg, train
+from utils.config import load_run_config
+from utils.crf import dense_crf
+from utils.inference import predict_seg_logits
+from utils.io import read_label_png
+from utils.run import load_npz, load_trained_model
+
+REPO = Path(__file__).resolve().parent.parent
+SCALES = "eval.scales=[1.0,0.5]"  # two scales so the fusion path runs; small ones keep the test fast
+
+
+@pytest.fixture(scope="module")
+def trained(voc_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("infer_seg") / "trained"
+    args = ["--config", "configs/smoke.yaml", f"data.root={voc_root}", f"run.out_dir={out}", "train.max_iters=2",
+            "train.ckpt_every=2"]  # fmt: skip
+    assert train.main(args) == 0
+    return out
+
+
+def _copy_run(trained: Path, dest: Path) -> Path:
+    """A fresh run folder with the trained config and checkpoint but no inference outputs."""
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained / "config.yaml", dest / "config.yaml")
+    shutil.copy(trained / "checkpoints" / "last.pth", dest / "checkpoints" / "last.pth")
+    return dest
+
+
+def _config(run: Path, *overrides: str):
+    return load_run_config(run, [f"run.out_dir={run}", "run.device=cpu", SCALES, *overrides])
+
+
+def _infer(run: Path, *overrides: str) -> infer_seg.Stats:
+    return infer_seg.run_inference(_config(run, *overrides))
+
+
+def _labels(folder: Path) -> dict[str, np.ndarray]:
+    return {path.stem: read_label_png(path) for path in sorted(folder.glob("*.png"))}
+
+
+def test_one_png_per_image_equal_to_the_network_argmax_and_a_second_run_does_nothing(trained, tmp_path, capsys):
+    run = _copy_run(trained, tmp_path / "run")
+    stats = _infer(run, "eval.num_overlays=2")
+    cfg = _config(run)
+    dataset = build_dataset(cfg, "val", "eval")
+    predictions = _labels(run / "seg" / "val")
+    assert sorted(predictions) == sorted(dataset.ids) and stats.seg_images == stats.net_images == len(dataset)
+    for index, name in enumerate(dataset.ids):
+        height, width = dataset[index]["img"].shape[1:]
+        assert predictions[name].shape == (height, width)
+        assert predictions[name].max() <= 20  # class ids 0..20, never the ignore value
+    item = dataset[0]
+    model = load_trained_model(cfg, torch.device("cpu"))
+    logits = predict_seg_logits(model, item["img"][None], (1.0, 0.5), True, "sum", "max", None)
+    assert np.array_equal(predictions[item["name"]], logits[0].argmax(0).numpy().astype(np.uint8))
+    # overlays: image | prediction | ground truth (4-pixel gaps) for rank 0's first 2 images
+    overlays = sorted((run / "seg" / "val_overlays").glob("*.png"))
+    assert [p.stem for p in overlays] == dataset.ids[:2]
+    with Image.open(overlays[0]) as image:
+        assert image.size == (3 * dataset[0]["img"].shape[2] + 8, dataset[0]["img"].shape[1])
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (run / "seg" / "val").glob("*.png")}
+    capsys.readouterr()
+    assert infer_seg.main(["--run-dir", str(run), "run.device=cpu", SCALES, "eval.num_overlays=2"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (run / "seg" / "val").glob("*.png")} == mtimes
+    assert _infer(run).net_images == 0
+
+
+def test_saved_logits_are_float16_and_agree_with_the_pngs(trained, tmp_path):
+    run = _copy_run(trained, tmp_path / "run")
+    _infer(run)
+    stats = _infer(run, "eval.save_logits=true")  # PNGs exist: only the missing logits make work
+    predictions = _labels(run / "seg" / "val")
+    assert stats.net_images == len(predictions)
+    for name, label in predictions.items():
+        logits = load_npz(run / "seg" / "val" / "logits" / f"{name}.npz")["logits"]
+        assert logits.dtype == np.float16 and logits.shape == (21, *label.shape)
+        # float16 rounding can only flip near-ties
+        assert (logits.astype(np.float32).argmax(0) == label).mean() > 0.99
+
+
+def test_crf_runs_only_the_crf_work_on_resume_and_the_pool_equals_the_serial_path(trained, tmp_path):
+    serial = _copy_run(trained, tmp_path / "serial")
+    pooled = _copy_run(trained, tmp_path / "pooled")
+    _infer(serial)
+    resumed = _infer(serial, "eval.crf=true", "eval.crf_workers=0")
+    count = len(_labels(serial / "seg" / "val"))
+    # seg existed: logits are recomputed for the CRF but no seg PNG is rewritten
+    assert (resumed.seg_images, resumed.net_images, resumed.crf_images) == (0, count, count)
+    fresh = _infer(pooled, "eval.crf=true", "eval.crf_workers=2", "eval.num_overlays=3")
+    assert (fresh.seg_images, fresh.crf_images) == (count, count)
+    a, b = _labels(serial / "seg_crf" / "val"), _labels(pooled / "seg_crf" / "val")
+    assert sorted(a) == sorted(b) and len(a) == count
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    assert len(list((pooled / "seg_crf" / "val_overlays").glob("*.png"))) == 3
+    # known answer for one image: argmax of DenseCRF(softmax(logits)) with the crf.* defaults of base.yaml
+    cfg = _config(serial)
+    item = build_dataset(cfg, "val", "eval")[0]
+    logits = predict_seg_logits(load_trained_model(cfg, torch.device("cpu")), item["img"][None], (1.0, 0.5))[0]
+    rgb = np.ascontiguousarray(item["img"].permute(1, 2, 0).numpy())
+    refined = dense_crf(rgb, torch.softmax(logits, 0).numpy(), iters=10, gauss_sxy=1, gauss_compat=1,
+                        bilateral_sxy=121, bilateral_srgb=5, bilateral_compat=4)  # fmt: skip
+    assert np.array_equal(a[item["name"]], refined.argmax(0).astype(np.uint8))
+
+
+def test_resuming_with_other_settings_is_refused(trained, tmp_path):
+    run = _copy_run(trained, tmp_path / "run")
+    _infer(run, "data.max_images=1")
+    with pytest.raises(ValueError, match=r"seg/val holds outputs made with other settings \(scales"):
+        _infer(run, "data.max_images=1", "eval.scales=[1.0]")
+
+
+def _env() -> dict[str, str]:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # torchrun of this interpreter
+    return {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_same_files_as_one_process(trained, tmp_path):
+    single = _copy_run(trained, tmp_path / "single")
+    sharded = _copy_run(trained, tmp_path / "sharded")
+    _infer(single, "eval.crf=true", "eval.crf_workers=0")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "tools.infer_seg", "--config", str(sharded / "config.yaml"), f"run.out_dir={sharded}",
+               "run.device=cpu", SCALES, "eval.crf=true", "eval.crf_workers=1"]  # fmt: skip
+    subprocess.run(command, cwd=REPO, env=_env(), check=True, capture_output=True, timeout=300)
+    for kind in ("seg", "seg_crf"):
+        a, b = _labels(single / kind / "val"), _labels(sharded / kind / "val")
+        assert sorted(a) == sorted(b) and a
+        assert all(np.array_equal(a[name], b[name]) for name in a), kind
+
+
+@pytest.mark.slow
+def test_infer_run_voc_pipeline_end_to_end(trained, tmp_path):
+    run = _copy_run(trained, tmp_path / "run")
+    overrides = ["run.device=cpu", "run.num_threads=1", "eval.crf_workers=1", "eval.sweep_step=0.1"]
+    result = subprocess.run(["bash", "infer_run_VOC.sh", str(run), *overrides], cwd=REPO, env={**_env(), "NGPUS": "1"},
+                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    count = len(build_dataset(_config(run), "val", "eval"))
+    for folder, suffix in (("cams", ".npz"), ("pseudo_labels", ".png"), ("seg", ".png"), ("seg_crf", ".png")):
+        assert len(list((run / folder / "val").glob(f"*{suffix}"))) == count, folder
+    for name in ("cams_val_sweep", "pseudo_labels_val", "seg_val", "seg_crf_val"):
+        miou = json.loads((run / "eval" / f"{name}.json").read_text())["miou"]
+        assert isinstance(miou, float) and 0.0 <= miou <= 1.0, name
+    assert (run / "eval" / "cams_val_sweep.png").is_file()

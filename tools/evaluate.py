@@ -1,0 +1,399 @@
+"""Evaluate a run's CAMs, pseudo labels or segmentation predictions against the ground-truth masks (SPEC §5.3).
+
+    python -m tools.evaluate --run-dir RUN --source cams|pseudo_labels|seg|seg_crf [--sweep] [--cam-key cam|cam_aux]
+                             [--tag T] [--log FILE] [key=value ...]
+    torchrun --nproc_per_node=4 -m tools.evaluate --run-dir RUN --source seg     (sharded, matrices all-reduced)
+
+Reads ``RUN/<source>/<split>/<id>.{npz,png}`` for every image of the split (``eval.split``, else
+``data.val_split``) and compares it with the split's masks (``datasets.build_dataset(cfg, split, "eval")``):
+
+- ``cams``: the saved CAMs of branch ``--cam-key`` (default ``cam``) become labels by a constant background plane at
+  ``cam.bkg_thre`` (``utils.metrics.cam_to_label``). ``--sweep`` instead accumulates one confusion matrix per
+  background threshold ``eval.sweep_start..eval.sweep_stop`` (inclusive) step ``eval.sweep_step`` in one pass, reports
+  the best threshold and plots the curve.
+- ``pseudo_labels``: label PNGs that may hold 255 ("no label", the ignore band of SPEC §2.4/§2.5). ``miou`` counts
+  those pixels as background, a conservative score comparable with single-threshold labels; ``labelled_miou`` scores
+  only the pixels that received a label, and ``coverage`` is the fraction of valid ground-truth pixels that did.
+- ``seg`` / ``seg_crf``: the prediction PNGs of ``tools.infer_seg``.
+
+Every metric comes from one int64 confusion matrix per split (mIoU over the classes with ground truth, pixel and
+mean accuracy, per-class IoU / precision / recall and FP / FN shares). Rank 0 prints the per-class table and writes
+``RUN/eval/<name>_<split>.json`` (``<name>_<split>_sweep.json`` and ``.png`` with ``--sweep``), where ``<name>`` is
+the source, or ``cams_aux`` for ``--cam-key cam_aux``. With ``--log FILE`` (or ``eval.results_log``) one JSON line
+``{tag, time, run, source, split, miou, ...}`` is appended to FILE (``--tag`` defaults to the name). The
+``checkpoint`` recorded is the one ``eval.checkpoint`` resolves to now (None if the run has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from datasets import build_dataset
+from datasets.classes import class_names
+from utils import dist
+from utils.config import add_config_arguments, config_from_args
+from utils.io import atomic_write_json, read_label_png
+from utils.logging import setup_logging
+from utils.metrics import CamThresholdSweep, ConfusionMatrix, cam_to_label, format_table
+from utils.run import load_npz, resolve_checkpoint, split_name
+from utils.visualize import plot_sweep
+
+logger = logging.getLogger("tools.evaluate")
+
+T = TypeVar("T")
+R = TypeVar("R")
+CamMaps = tuple[np.ndarray, np.ndarray]  # (cams float [K, H, W], class ids int64 [K])
+CAM_KEYS = ("cam", "cam_aux")
+MAX_LISTED = 10  # ids named in a "missing predictions" error
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a kind of prediction lives in the run folder and which tool produces it."""
+
+    folder: str
+    suffix: str
+    command: str  # appended to ``python -m`` in error hints
+
+
+SOURCES: dict[str, Source] = {
+    "cams": Source("cams", ".npz", "tools.make_cam"),
+    "pseudo_labels": Source("pseudo_labels", ".png", "tools.make_pseudo_labels"),
+    "seg": Source("seg", ".png", "tools.infer_seg"),
+    "seg_crf": Source("seg_crf", ".png", "tools.infer_seg eval.crf=true"),
+}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor, ahead: int) -> Iterator[R]:
+    """``map(fn, items)`` on ``pool`` in input order, with at most ``ahead`` results decoded ahead of the consumer.
+
+    ``Executor.map`` would submit every item at once and could hold a whole split's decoded arrays in memory.
+    """
+    pending: collections.deque[Future] = collections.deque()
+    for item in items:
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+        pending.append(pool.submit(fn, item))
+    while pending:
+        yield pending.popleft().result()
+
+
+def read_cams(path: Path, key: str) -> CamMaps:
+    """One saved CAM file (SPEC §5.1): ``classes`` int [K] and ``key`` float16 [K, H, W]."""
+    arrays = load_npz(path)
+    missing = [name for name in ("classes", key) if name not in arrays]
+    if missing:
+        raise KeyError(f"CAM file {path} lacks array(s) {missing}; it holds {sorted(arrays)}")
+    classes = arrays["classes"].astype(np.int64).reshape(-1)
+    cams = arrays[key]
+    if cams.ndim != 3 or cams.shape[0] != classes.size:
+        raise ValueError(f"CAM file {path}: {key} must be [K, H, W] with K = {classes.size}, got {cams.shape}")
+    return cams, classes
+
+
+def png_predictions(folder: Path, ids: Sequence[str], pool: ThreadPoolExecutor, ahead: int) -> Iterator[tuple]:
+    """seg / seg_crf / pseudo_labels: yields ``(id, label uint8 [H, W])`` from ``folder/<id>.png``."""
+    labels = ordered_map(lambda name: read_label_png(folder / f"{name}.png"), ids, pool, ahead)
+    return zip(ids, labels, strict=True)
+
+
+def cam_label_predictions(
+    folder: Path, ids: Sequence[str], pool: ThreadPoolExecutor, ahead: int, key: str, threshold: float
+) -> Iterator[tuple]:
+    """cams at one background threshold: yields ``(id, label uint8 [H, W])``, thresholded in the worker threads."""
+
+    def label(name: str) -> np.ndarray:
+        cams, classes = read_cams(folder / f"{name}.npz", key)
+        return cam_to_label(cams, classes, threshold, cams.shape[1:])
+
+    return zip(ids, ordered_map(label, ids, pool, ahead), strict=True)
+
+
+def cam_map_predictions(
+    folder: Path, ids: Sequence[str], pool: ThreadPoolExecutor, ahead: int, key: str
+) -> Iterator[tuple]:
+    """cams for the threshold sweep: yields ``(id, (cams [K, H, W], classes [K]))``."""
+    return zip(ids, ordered_map(lambda name: read_cams(folder / f"{name}.npz", key), ids, pool, ahead), strict=True)
+
+
+def sweep_thresholds(start: float, stop: float, step: float) -> list[float]:
+    """``start, start + step, ..., stop`` (inclusive), each rounded to 6 decimals so 0.1 + 0.2 prints as 0.3."""
+    if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)) or step <= 0 or stop < start:
+        raise ValueError(
+            f"eval.sweep_start / sweep_stop / sweep_step must be finite with step > 0 and stop >= start, "
+            f"got {start} / {stop} / {step}"
+        )
+    count = math.floor((stop - start) / step + 1e-6) + 1  # the tolerance keeps `stop` despite float drift
+    return [round(start + i * step, 6) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+class LabelScorer:
+    """Confusion matrix of hard predictions. With ``allow_unlabelled`` (pseudo labels), a prediction equal to the
+    ignore index means "no label": it counts as background in the main matrix and is left out of a second,
+    labelled-pixels-only matrix."""
+
+    def __init__(self, num_classes: int, ignore_index: int, allow_unlabelled: bool) -> None:
+        self.ignore_index = ignore_index
+        self.matrix = ConfusionMatrix(num_classes, ignore_index)
+        self.labelled = ConfusionMatrix(num_classes, ignore_index) if allow_unlabelled else None
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        if self.labelled is not None:
+            unlabelled = pred == self.ignore_index
+            self.labelled.update(pred, np.where(unlabelled, self.ignore_index, gt))
+            pred = np.where(unlabelled, 0, pred)
+        self.matrix.update(pred, gt)
+
+    def all_reduce(self) -> None:
+        self.matrix.all_reduce()
+        if self.labelled is not None:
+            self.labelled.all_reduce()
+
+    def result(self) -> dict[str, Any]:
+        result = self.matrix.compute()
+        if self.labelled is not None:
+            labelled = self.labelled.compute()
+            result["labelled_miou"] = labelled["miou"]
+            result["coverage"] = labelled["num_pixels"] / result["num_pixels"] if result["num_pixels"] else None
+            result["labelled"] = labelled
+        return result
+
+
+class SweepScorer:
+    """One confusion matrix per CAM background threshold (``utils.metrics.CamThresholdSweep``)."""
+
+    def __init__(self, num_classes: int, ignore_index: int, thresholds: Sequence[float]) -> None:
+        self.sweep = CamThresholdSweep(num_classes, thresholds, ignore_index)
+
+    def update(self, pred: CamMaps, gt: np.ndarray) -> None:
+        self.sweep.update(pred[0], pred[1], gt)
+
+    def all_reduce(self) -> None:
+        self.sweep.all_reduce()
+
+    def result(self) -> dict[str, Any]:
+        threshold, best = self.sweep.best()
+        curve = [{key: r[key] for key in ("threshold", "miou", "pixel_acc", "mean_acc")} for r in self.sweep.results()]
+        return {**best, "threshold": threshold, "sweep": curve}
+
+
+def _shape(pred: np.ndarray | CamMaps) -> tuple[int, ...]:
+    return tuple(pred[0].shape[1:]) if isinstance(pred, tuple) else tuple(pred.shape)
+
+
+def accumulate(
+    scorer: LabelScorer | SweepScorer,
+    predictions: Iterator[tuple],
+    gt_paths: Sequence[Path],
+    folder: Path,
+    suffix: str,
+    pool: ThreadPoolExecutor,
+    ahead: int,
+) -> None:
+    """Feed ``(id, prediction)`` pairs and their ground truth (decoded in ``pool`` too) to ``scorer``."""
+    gts = ordered_map(read_label_png, gt_paths, pool, ahead)
+    progress = tqdm(total=len(gt_paths), desc="evaluate", disable=not dist.is_main_process(), dynamic_ncols=True)
+    for (name, pred), gt_path, gt in zip(predictions, gt_paths, gts, strict=True):
+        path = folder / f"{name}{suffix}"
+        if _shape(pred) != gt.shape:
+            raise ValueError(
+                f"prediction {path} is {'x'.join(map(str, _shape(pred)))} (HxW) but its ground truth {gt_path} is "
+                f"{gt.shape[0]}x{gt.shape[1]}"
+            )
+        try:
+            scorer.update(pred, gt)
+        except ValueError as err:  # e.g. a class id out of range, from ConfusionMatrix
+            raise ValueError(f"{path} (ground truth {gt_path}): {err}") from None
+        progress.update(1)
+    progress.close()
+
+
+# ---------------------------------------------------------------------------------------------- the tool
+
+
+def check_complete(folder: Path, ids: Sequence[str], source: Source, cfg: DictConfig, split: str) -> None:
+    """Raise listing the first ids without a prediction, with the command that produces them."""
+    present = {entry.name for entry in os.scandir(folder)} if folder.is_dir() else set()
+    missing = [name for name in ids if f"{name}{source.suffix}" not in present]
+    if not missing:
+        return
+    split_arg = f" eval.split={split}" if cfg.eval.split is not None else ""
+    shown = ", ".join(missing[:MAX_LISTED]) + (", ..." if len(missing) > MAX_LISTED else "")
+    raise FileNotFoundError(
+        f"{len(missing)} of {len(ids)} image(s) of split {split!r} have no prediction {folder}/<id>{source.suffix}: "
+        f"{shown}. Produce them with: python -m {source.command} --run-dir {cfg.run.out_dir}{split_arg}"
+    )
+
+
+def _checkpoint(cfg: DictConfig) -> str | None:
+    try:
+        return str(resolve_checkpoint(cfg))
+    except FileNotFoundError:
+        return None
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line (a single write of a complete line, flushed to disk)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+LOGGED_KEYS = ("miou", "pixel_acc", "mean_acc", "labelled_miou", "coverage", "threshold", "cam_key", "num_images",
+               "checkpoint")  # fmt: skip
+
+
+def evaluate(
+    cfg: DictConfig,
+    source: str,
+    sweep: bool = False,
+    cam_key: str | None = None,
+    tag: str | None = None,
+    log: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Evaluate one source of a run (see the module docstring); collective under torchrun.
+
+    Args:
+        cfg: the run's config (``--run-dir`` reloads it).
+        source: ``cams`` | ``pseudo_labels`` | ``seg`` | ``seg_crf``.
+        sweep: sweep the CAM background threshold (``cams`` only).
+        cam_key: ``cam`` | ``cam_aux`` (``cams`` only; None = ``cam``).
+        tag: name of the results-log line; None = the result name (e.g. ``seg``, ``cams_aux``).
+        log: results log to append to; None = ``eval.results_log`` (None there too = no log).
+
+    Returns:
+        The result dict written to the JSON file (the same on every rank).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"--source must be one of {sorted(SOURCES)}, got {source!r}")
+    if source != "cams" and (sweep or cam_key is not None):
+        raise ValueError(f"--sweep and --cam-key apply to --source cams only, not {source!r}")
+    cam_key = cam_key or "cam"
+    if cam_key not in CAM_KEYS:
+        raise ValueError(f"--cam-key must be one of {CAM_KEYS}, got {cam_key!r}")
+    dist.init_distributed(str(cfg.run.device), int(cfg.run.num_threads))
+    setup_logging(cfg.run.out_dir, dist.get_rank(), "evaluate.log")
+    name = "cams_aux" if source == "cams" and cam_key == "cam_aux" else source
+    split = split_name(cfg)
+    dataset = build_dataset(cfg, split, "eval")
+    if not dataset.has_masks:
+        raise FileNotFoundError(f"split {split!r} has no ground-truth masks, so it cannot be evaluated (eval.split)")
+    spec = SOURCES[source]
+    folder = Path(cfg.run.out_dir) / spec.folder / split
+    check_complete(folder, dataset.ids, spec, cfg, split)
+
+    num_classes, ignore = int(cfg.data.num_classes), int(cfg.data.ignore_index)
+    mine = dist.shard(range(len(dataset.ids)))
+    ids = [dataset.ids[i] for i in mine]
+    gt_paths = [dataset.mask_paths[i] for i in mine]
+    threads = max(2, int(cfg.data.num_workers))
+    ahead = 4 * threads
+    threshold = float(cfg.cam.bkg_thre)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        if source == "cams" and sweep:
+            ev = cfg.eval
+            thresholds = sweep_thresholds(float(ev.sweep_start), float(ev.sweep_stop), float(ev.sweep_step))
+            scorer: LabelScorer | SweepScorer = SweepScorer(num_classes, ignore, thresholds)
+            predictions = cam_map_predictions(folder, ids, pool, ahead, cam_key)
+        elif source == "cams":
+            scorer = LabelScorer(num_classes, ignore, allow_unlabelled=False)
+            predictions = cam_label_predictions(folder, ids, pool, ahead, cam_key, threshold)
+        else:
+            scorer = LabelScorer(num_classes, ignore, allow_unlabelled=source == "pseudo_labels")
+            predictions = png_predictions(folder, ids, pool, ahead)
+        accumulate(scorer, predictions, gt_paths, folder, spec.suffix, pool, ahead)
+    scorer.all_reduce()
+
+    result: dict[str, Any] = {
+        "source": source,
+        "split": split,
+        "run": str(cfg.run.out_dir),
+        "checkpoint": _checkpoint(cfg),
+        "num_images": len(dataset.ids),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "class_names": list(class_names(str(cfg.data.name))[:num_classes]),
+    }
+    if source == "cams":
+        result.update(cam_key=cam_key, threshold=threshold)
+    result.update(scorer.result())
+    if dist.is_main_process():
+        _report(cfg, result, name, sweep, tag, log)
+    dist.barrier()
+    return result
+
+
+def _report(cfg: DictConfig, result: dict[str, Any], name: str, sweep: bool, tag: str | None, log: Any) -> None:
+    """Rank 0: table, JSON, sweep plot and results-log line."""
+    out = Path(cfg.run.out_dir) / "eval"
+    stem = f"{name}_{result['split']}" + ("_sweep" if sweep else "")
+    logger.info("%s on %s (%d images):\n%s", name, result["split"], result["num_images"],
+                format_table(result, result["class_names"]))  # fmt: skip
+    if "coverage" in result:
+        logger.info("pseudo labels: mIoU %s with unlabelled pixels as background | labelled-only mIoU %s | "
+                    "coverage %s", *(_pct(result[k]) for k in ("miou", "labelled_miou", "coverage")))  # fmt: skip
+    if sweep:
+        curve = result["sweep"]
+        plot = out / f"{stem}.png"
+        plot_sweep([r["threshold"] for r in curve], [r["miou"] for r in curve], result["threshold"], plot)
+        logger.info("best background threshold %.4g: mIoU %s (curve in %s)", result["threshold"],
+                    _pct(result["miou"]), out / f"{stem}.png")  # fmt: skip
+    atomic_write_json(out / f"{stem}.json", result)
+    logger.info("wrote %s", out / f"{stem}.json")
+    log_path = log if log is not None else cfg.eval.results_log
+    if log_path is not None:
+        record = {"tag": tag or name, "time": result["time"], "run": result["run"], "source": result["source"],
+                  "split": result["split"], "sweep": sweep}  # fmt: skip
+        record.update({key: result[key] for key in LOGGED_KEYS if key in result})
+        _append_line(Path(log_path), record)
+        logger.info("appended to %s (tag %s)", log_path, record["tag"])
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100.0 * value:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="which predictions to evaluate")
+    parser.add_argument("--sweep", action="store_true", help="cams: sweep the background threshold (eval.sweep_*)")
+    parser.add_argument("--cam-key", choices=CAM_KEYS, default=None, help="cams: which saved branch (default cam)")
+    parser.add_argument("--tag", default=None, help="name of the results-log line (default: the source)")
+    parser.add_argument("--log", type=Path, default=None, help="append a JSON line here (default eval.results_log)")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.source != "cams" and (args.sweep or args.cam_key is not None):
+        parser.error("--sweep and --cam-key apply to --source cams only")
+    cfg = config_from_args(args)
+    try:
+        evaluate(cfg, args.source, sweep=args.sweep, cam_key=args.cam_key, tag=args.tag, log=args.log)
+        return 0
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Segmentation inference of a trained run (SPEC §5.2): multi-scale + flip logits, optional DenseCRF.
+
+One process:     python -m tools.infer_seg --run-dir RUN [key=value ...]
+Several GPUs:    torchrun --nproc_per_node=4 -m tools.infer_seg --run-dir RUN eval.crf=true
+
+Outputs, for split = ``eval.split`` (else ``data.val_split``):
+
+    RUN/seg/<split>/<id>.png                 argmax of the fused logits
+    RUN/seg/<split>/logits/<id>.npz          eval.save_logits=true: ``logits`` float16 [C, H, W] (compressed)
+    RUN/seg_crf/<split>/<id>.png             eval.crf=true: argmax of DenseCRF(softmax(logits)) with crf.*
+    RUN/seg/<split>_overlays/<id>.png        image | prediction | ground truth, first eval.num_overlays of rank 0
+    RUN/seg_crf/<split>_overlays/<id>.png    the same for the CRF predictions
+
+Each prediction PNG is a palette ("P" mode) PNG whose pixel values are the class ids (0 = background): read as an
+array (``utils.io.read_label_png``) it is the class-id map, shown in a viewer it is the VOC-coloured map, so one file
+is both the class-id PNG and the palette PNG of SPEC §5.2. ``eval.resize`` (COCO: 448) shrinks the image before the
+network; logits are upsampled back, so every output has the image's original size.
+
+Scales, flip and fusion come from ``eval.*``. Work is sharded over torchrun ranks (``ids[rank::world]``) and is
+resumable per output folder: an image is skipped where its outputs exist, so a second run does no work, and a run
+with ``eval.crf=true`` after a plain one only does the CRF work (recomputing the logits, never requiring saved ones).
+Each folder's ``settings.json`` records what determines its outputs (checkpoint, scales, fusion, CRF parameters);
+resuming with other settings is refused rather than mixing outputs.
+CRF jobs stream through a process pool as the network produces them and results are written as they come back, so
+at most a few images' probabilities are ever held in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from datasets import build_dataset, collate_eval
+from utils import dist
+from utils.config import add_config_arguments, config_from_args
+from utils.crf import CRFPool
+from utils.inference import predict_seg_logits
+from utils.io import save_label_png
+from utils.logging import setup_logging
+from utils.pseudo_labels import check_settings
+from utils.run import load_trained_model, output_dir, pending_indices, resolve_checkpoint, save_npz, split_name
+from utils.visualize import overlay, save_image, side_by_side
+
+logger = logging.getLogger("tools.infer_seg")
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Folders:
+    """Where the outputs of one split go; ``crf`` / ``logits`` are None when that output is off."""
+
+    seg: Path
+    seg_overlays: Path
+    crf: Path | None
+    crf_overlays: Path | None
+    logits: Path | None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, split: str) -> Folders:
+        root = Path(cfg.run.out_dir)
+        crf = bool(cfg.eval.crf)
+        seg = output_dir(cfg, "seg", split)
+        return cls(
+            seg=seg,
+            seg_overlays=root / "seg" / f"{split}_overlays",
+            crf=output_dir(cfg, "seg_crf", split) if crf else None,
+            crf_overlays=root / "seg_crf" / f"{split}_overlays" if crf else None,
+            logits=seg / "logits" if bool(cfg.eval.save_logits) else None,
+        )
+
+
+@dataclass
+class Plan:
+    """This rank's outstanding work, as dataset indices."""
+
+    seg: set[int]  # need the network's PNG (and/or its saved logits)
+    crf: set[int]  # need the CRF PNG
+    overlays: set[int]  # rank 0's first eval.num_overlays images (whether or not they are pending)
+    done: int  # this rank's images with every output already present
+    todo: list[int] = field(init=False)  # seg | crf, in dataset order
+
+    def __post_init__(self) -> None:
+        self.todo = sorted(self.seg | self.crf)
+
+
+@dataclass
+class Stats:
+    """Counts and timings of this rank, for the summary.
+
+    ``crf_seconds`` is the time the main process waited for CRF results beyond the network work done meanwhile: the
+    serial CRF time with ``eval.crf_workers=0``; with a pool, the pool's start-up plus the CRF stage's excess over
+    the network (near 0 when the pool keeps up).
+    """
+
+    seg_images: int = 0
+    crf_images: int = 0
+    net_images: int = 0
+    net_seconds: float = 0.0
+    producer_seconds: float = 0.0  # everything the network stage did (loading, network, writing)
+    crf_seconds: float = 0.0
+    overlays: list[Path] = field(default_factory=list)
+
+
+def plan_work(cfg: DictConfig, ids: list[str], folders: Folders) -> Plan:
+    """Which of this rank's images still need which output (resumable per output folder)."""
+    seg_todo, _ = pending_indices(ids, folders.seg, ".png")
+    seg = set(seg_todo)
+    if folders.logits is not None:
+        seg |= set(pending_indices(ids, folders.logits, ".npz")[0])
+    crf = set(pending_indices(ids, folders.crf, ".png")[0]) if folders.crf is not None else set()
+    mine = dist.shard(range(len(ids)))
+    overlays = set(mine[: int(cfg.eval.num_overlays)]) if dist.is_main_process() else set()
+    return Plan(seg=seg, crf=crf, overlays=overlays, done=len(mine) - len(seg | crf))
+
+
+def _autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 / fp16 autocast for the forward on CUDA when ``train.precision`` asks for it; fp32 on the CPU."""
+    dtype = AUTOCAST_DTYPES.get(str(cfg.train.precision))
+    if device.type != "cuda" or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _crf_params(cfg: DictConfig) -> dict[str, float]:
+    crf = cfg.crf
+    return {
+        "iters": int(crf.iters),
+        "gauss_sxy": float(crf.gauss_sxy),
+        "gauss_compat": float(crf.gauss_compat),
+        "bilateral_sxy": float(crf.bilateral_sxy),
+        "bilateral_srgb": float(crf.bilateral_srgb),
+        "bilateral_compat": float(crf.bilateral_compat),
+    }
+
+
+def output_settings(cfg: DictConfig, device: torch.device) -> dict:
+    """What determines the seg outputs; a resumed run must match it (``utils.pseudo_labels.check_settings``)."""
+    ev = cfg.eval
+    autocast = str(cfg.train.precision) if device.type == "cuda" and cfg.train.precision in AUTOCAST_DTYPES else "fp32"
+    return {
+        "checkpoint": str(resolve_checkpoint(cfg).resolve()),
+        "scales": [float(s) for s in ev.scales],
+        "flip": bool(ev.flip),
+        "flip_fusion": str(ev.flip_fusion),
+        "scale_fusion": str(ev.scale_fusion),
+        "resize": None if ev.resize is None else int(ev.resize),
+        "precision": autocast,
+    }
+
+
+def _write_overlay(path: Path, rgb: np.ndarray, prediction: np.ndarray, gt: np.ndarray | None) -> None:
+    """image | prediction | ground truth (when the split has masks), side by side."""
+    panels = [rgb, overlay(rgb, prediction)]
+    if gt is not None:
+        panels.append(overlay(rgb, gt.astype(np.uint8)))
+    save_image(path, side_by_side(panels))
+
+
+def network_stage(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    loader: DataLoader,
+    plan: Plan,
+    folders: Folders,
+    device: torch.device,
+    stats: Stats,
+    overlay_gts: dict[str, np.ndarray | None],
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Run the network over the pending images, write the seg outputs, and yield the CRF jobs.
+
+    Yields:
+        ``(name, image uint8 [H, W, 3], softmax float32 [C, H, W])`` for every image that needs its CRF output.
+        The ground truth of overlay images is parked in ``overlay_gts`` until their CRF result comes back.
+    """
+    ev = cfg.eval
+    progress = tqdm(total=len(plan.todo), desc="infer_seg", disable=not dist.is_main_process(), dynamic_ncols=True)
+    start = time.perf_counter()
+    for index, item in zip(plan.todo, loader, strict=True):
+        name, image = item["name"][0], item["img"][0]
+        gt = item["mask"][0].numpy() if "mask" in item else None
+        tick = time.perf_counter()
+        with _autocast(cfg, device):
+            logits = predict_seg_logits(model, image.to(device)[None], tuple(ev.scales), bool(ev.flip),
+                                        str(ev.flip_fusion), str(ev.scale_fusion), ev.resize)[0]  # fmt: skip
+        prediction = logits.argmax(0).to(torch.uint8).cpu().numpy()  # .cpu() waits for the device: timing is exact
+        stats.net_seconds += time.perf_counter() - tick
+        stats.net_images += 1
+        rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        if index in plan.seg:
+            save_label_png(folders.seg / f"{name}.png", prediction)
+            if folders.logits is not None:
+                save_npz(folders.logits / f"{name}.npz", {"logits": logits.to(torch.float16).cpu().numpy()})
+            if index in plan.overlays:
+                _write_overlay(folders.seg_overlays / f"{name}.png", rgb, prediction, gt)
+                stats.overlays.append(folders.seg_overlays / f"{name}.png")
+            stats.seg_images += 1
+        progress.update(1)
+        if index in plan.crf:
+            if index in plan.overlays:
+                overlay_gts[name] = gt
+            prob = torch.softmax(logits.float(), dim=0).cpu().numpy()
+            stats.producer_seconds += time.perf_counter() - start
+            yield name, rgb, prob
+            start = time.perf_counter()
+    stats.producer_seconds += time.perf_counter() - start
+    progress.close()
+
+
+def crf_stage(
+    cfg: DictConfig,
+    jobs: Iterator[tuple[str, np.ndarray, np.ndarray]],
+    folders: Folders,
+    stats: Stats,
+    overlay_gts: dict[str, np.ndarray | None],
+) -> None:
+    """Refine ``jobs`` with DenseCRF in a pool of ``eval.crf_workers`` processes, writing results as they arrive."""
+    rgbs: dict[str, np.ndarray] = {}  # images of pending overlay jobs only (bounded by eval.num_overlays)
+
+    def keep_overlay_images() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        for name, rgb, prob in jobs:
+            if name in overlay_gts:
+                rgbs[name] = rgb
+            yield name, rgb, prob
+
+    with CRFPool(int(cfg.eval.crf_workers), **_crf_params(cfg)) as pool:
+        results = pool.imap(keep_overlay_images())
+        while True:
+            tick, produced = time.perf_counter(), stats.producer_seconds
+            try:
+                name, refined = next(results)
+            except StopIteration:
+                break
+            # Time spent inside next() minus the network work it triggered = time blocked on the CRF.
+            stats.crf_seconds += (time.perf_counter() - tick) - (stats.producer_seconds - produced)
+            label = refined.argmax(0).astype(np.uint8)
+            save_label_png(folders.crf / f"{name}.png", label)
+            if name in overlay_gts:
+                path = folders.crf_overlays / f"{name}.png"
+                _write_overlay(path, rgbs.pop(name), label, overlay_gts.pop(name))
+                stats.overlays.append(path)
+            stats.crf_images += 1
+
+
+def _summarise(stats: Stats, plan_done: int, device: torch.device, split: str, crf: bool) -> None:
+    """Log totals over all ranks: written/skipped images and images/s of the network and of the CRF."""
+    values = [stats.seg_images, stats.crf_images, stats.net_images, stats.net_seconds, stats.crf_seconds, plan_done]
+    totals = dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+    seg_images, crf_images, net_images, net_seconds, crf_seconds, done = totals
+    world = dist.get_world_size()
+    # Seconds are summed over ranks, so images / seconds is the per-process rate; times world is the aggregate.
+    net_rate = net_images / net_seconds if net_seconds > 0 else 0.0
+    logger.info(
+        "split %s: wrote %d seg and %d seg_crf prediction(s); %d image(s) were already complete | network: %d "
+        "image(s), %.2f img/s per process (%d process(es))", split, seg_images, crf_images, done, net_images,
+        net_rate, world,
+    )  # fmt: skip
+    if crf and crf_images:
+        crf_rate = f"{crf_images / crf_seconds:.2f} img/s" if crf_seconds > 1e-3 else "kept up with the network"
+        logger.info("DenseCRF: %d image(s), %.1f s waited per process on average: %s", crf_images,
+                    crf_seconds / world, crf_rate)  # fmt: skip
+    if stats.overlays:
+        logger.info("overlays: %s", ", ".join(sorted({str(p.parent) for p in stats.overlays})))
+
+
+def run_inference(cfg: DictConfig) -> Stats:
+    """Everything but argument parsing: the tool for an already-loaded config (also used by tests)."""
+    device = dist.init_distributed(str(cfg.run.device), int(cfg.run.num_threads))
+    rank = dist.get_rank()
+    setup_logging(cfg.run.out_dir, rank, "infer_seg.log")
+    split = split_name(cfg)
+    dataset = build_dataset(cfg, split, "eval")
+    folders = Folders.from_config(cfg, split)
+    # Outputs are skipped where they exist, so refuse to mix in outputs made with other settings.
+    seg_settings = output_settings(cfg, device)
+    check_settings(folders.seg, seg_settings, write=dist.is_main_process())
+    if folders.crf is not None:
+        check_settings(folders.crf, {**seg_settings, "crf": _crf_params(cfg)}, write=dist.is_main_process())
+    plan = plan_work(cfg, dataset.ids, folders)
+    stats = Stats()
+    pending = dist.all_reduce_sum(torch.tensor([len(plan.todo)], dtype=torch.int64, device=device)).item()
+    outputs = ", ".join(str(p) for p in (folders.seg, folders.logits, folders.crf) if p is not None)
+    if pending == 0:
+        logger.info("nothing to do: all %d image(s) of split %s already have their outputs in %s", len(dataset.ids),
+                    split, outputs)  # fmt: skip
+        return stats
+    logger.info("split %s: %d image(s) to process (%d on this rank, %d already complete here) -> %s", split, pending,
+                len(plan.todo), plan.done, outputs)  # fmt: skip
+    if plan.todo:
+        model = load_trained_model(cfg, device)
+        loader = DataLoader(Subset(dataset, plan.todo), batch_size=1, num_workers=int(cfg.data.num_workers),
+                            collate_fn=collate_eval)  # fmt: skip
+        overlay_gts: dict[str, np.ndarray | None] = {}
+        with torch.no_grad():
+            jobs = network_stage(cfg, model, loader, plan, folders, device, stats, overlay_gts)
+            if plan.crf:
+                crf_stage(cfg, jobs, folders, stats, overlay_gts)
+            else:
+                for _ in jobs:  # no CRF work: draining the generator writes the seg outputs
+                    pass
+    _summarise(stats, plan.done, device, split, folders.crf is not None)
+    dist.barrier()
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    try:
+        run_inference(cfg)
+        return 0
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":  # the guard matters: CRF pool workers are spawned and re-import this module
+    sys.exit(main())
