@@ -18,6 +18,7 @@ launch="$(dirname "$0")/launch.sh"
 run_args=(--run-dir "${run}")
 "${launch}" tools.make_cam "${run_args[@]}" "$@"
 "${launch}" tools.evaluate --source cams --sweep "${run_args[@]}" "$@"
+"${launch}" tools.evaluate --source cams --cam-key cam_aux "${run_args[@]}" "$@"
 "${launch}" tools.make_pseudo_labels "${run_args[@]}" "$@"
 "${launch}" tools.evaluate --source pseudo_labels "${run_args[@]}" "$@"
 "${launch}" tools.infer_seg "${run_args[@]}" eval.crf=true "$@"

@@ -51,3 +51,17 @@ def voc_root(synthetic_voc: tuple[Path, dict[str, Any]]) -> Path:
 def coco_root(synthetic_coco: tuple[Path, dict[str, Any], dict[str, Any]]) -> Path:
     """A synthetic, prepared MSCOCO folder (coco2014/, annotations/, SegmentationClass/, ImageSets/)."""
     return synthetic_coco[0]
+
+
+@pytest.fixture(scope="session")
+def all_background_miou(voc_root: Path) -> float:
+    """val mIoU of predicting background everywhere: IoU(background) = its pixel share, every other class 0."""
+    import numpy as np
+
+    from utils.io import read_label_png
+
+    ids = (voc_root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    pixels = np.concatenate(
+        [m[m != 255] for m in (read_label_png(voc_root / "SegmentationClass" / f"{i}.png") for i in ids)]
+    )
+    return float((pixels == 0).mean() / len(np.unique(pixels)))

@@ -145,6 +145,17 @@ def test_cam_threshold_sweep_equals_separate_single_threshold_runs(run):
     assert (run / "eval" / "cams_val_sweep.png").stat().st_size > 0
 
 
+def test_sweep_also_writes_the_result_at_the_configured_threshold(run):
+    _write_cams(run)
+    grid = ["eval.sweep_start=0.1", "eval.sweep_stop=0.9", "eval.sweep_step=0.2"]  # 0.25 is off the grid
+    swept = _evaluate(run, "--source", "cams", "--sweep", "cam.bkg_thre=0.25", *grid)
+    from_sweep = json.loads((run / "eval" / "cams_val.json").read_text())
+    single = _evaluate(run, "--source", "cams", "cam.bkg_thre=0.25")
+    assert from_sweep["threshold"] == single["threshold"] == 0.25
+    assert from_sweep["miou"] == pytest.approx(single["miou"], abs=1e-12)
+    assert 0.25 in [r["threshold"] for r in swept["sweep"]]
+
+
 def test_cam_aux_branch_is_read_and_named_separately(run):
     _write_cams(run)
     main = _evaluate(run, "--source", "cams", "cam.bkg_thre=0.3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,18 @@ def test_second_run_does_no_work(run: Path) -> None:
 def test_changed_settings_are_refused(run: Path) -> None:
     with pytest.raises(ValueError, match=r"cams/val holds outputs made with other settings \(scales"):
         make_cam.main(["--run-dir", str(run), "cam.scales=[1.0]"])
+
+
+def test_outputs_of_a_rewritten_checkpoint_are_not_resumed(run: Path, tmp_path: Path) -> None:
+    """Retraining into the same run folder rewrites best/last.pth: the old CAMs must not pass as current."""
+    copy = tmp_path / "retrained"
+    shutil.copytree(run, copy)
+    (copy / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(run), str(copy)))
+    assert make_cam.main(["--run-dir", str(copy)]) == 0  # same checkpoint file: resumes, nothing to do
+    checkpoint = copy / "checkpoints" / "last.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes())  # a new training run wrote it again
+    with pytest.raises(ValueError, match="checkpoint"):
+        make_cam.main(["--run-dir", str(copy)])
 
 
 @pytest.mark.slow

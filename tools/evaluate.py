@@ -18,7 +18,7 @@ Reads ``RUN/<source>/<split>/<id>.{npz,png}`` for every image of the split (``ev
 
 Every metric comes from one int64 confusion matrix per split (mIoU over the classes with ground truth, pixel and
 mean accuracy, per-class IoU / precision / recall and FP / FN shares). Rank 0 prints the per-class table and writes
-``RUN/eval/<name>_<split>.json`` (``<name>_<split>_sweep.json`` and ``.png`` with ``--sweep``), where ``<name>`` is
+``RUN/eval/<name>_<split>.json`` (with ``--sweep`` also ``<name>_<split>_sweep.json`` and ``.png``), where ``<name>`` is
 the source, or ``cams_aux`` for ``--cam-key cam_aux``. With ``--log FILE`` (or ``eval.results_log``) one JSON line
 ``{tag, time, run, source, split, miou, ...}`` is appended to FILE (``--tag`` defaults to the name). The
 ``checkpoint`` recorded is the one ``eval.checkpoint`` resolves to now (None if the run has none).
@@ -184,8 +184,10 @@ class LabelScorer:
 class SweepScorer:
     """One confusion matrix per CAM background threshold (``utils.metrics.CamThresholdSweep``)."""
 
-    def __init__(self, num_classes: int, ignore_index: int, thresholds: Sequence[float]) -> None:
-        self.sweep = CamThresholdSweep(num_classes, thresholds, ignore_index)
+    def __init__(self, num_classes: int, ignore_index: int, thresholds: Sequence[float], configured: float) -> None:
+        # the configured threshold (cam.bkg_thre) joins the curve, so the same pass also gives its exact result
+        self.configured = float(configured)
+        self.sweep = CamThresholdSweep(num_classes, sorted({*map(float, thresholds), self.configured}), ignore_index)
 
     def update(self, pred: CamMaps, gt: np.ndarray) -> None:
         self.sweep.update(pred[0], pred[1], gt)
@@ -197,6 +199,10 @@ class SweepScorer:
         threshold, best = self.sweep.best()
         curve = [{key: r[key] for key in ("threshold", "miou", "pixel_acc", "mean_acc")} for r in self.sweep.results()]
         return {**best, "threshold": threshold, "sweep": curve}
+
+    def configured_result(self) -> dict[str, Any]:
+        """The metrics at ``cam.bkg_thre``: what a run without ``--sweep`` reports."""
+        return next(r for r in self.sweep.results() if r["threshold"] == self.configured)
 
 
 def _shape(pred: np.ndarray | CamMaps) -> tuple[int, ...]:
@@ -317,7 +323,7 @@ def evaluate(
         if source == "cams" and sweep:
             ev = cfg.eval
             thresholds = sweep_thresholds(float(ev.sweep_start), float(ev.sweep_stop), float(ev.sweep_step))
-            scorer: LabelScorer | SweepScorer = SweepScorer(num_classes, ignore, thresholds)
+            scorer: LabelScorer | SweepScorer = SweepScorer(num_classes, ignore, thresholds, threshold)
             predictions = cam_map_predictions(folder, ids, pool, ahead, cam_key)
         elif source == "cams":
             scorer = LabelScorer(num_classes, ignore, allow_unlabelled=False)
@@ -339,8 +345,11 @@ def evaluate(
     }
     if source == "cams":
         result.update(cam_key=cam_key, threshold=threshold)
+    base = dict(result)
     result.update(scorer.result())
     if dist.is_main_process():
+        if isinstance(scorer, SweepScorer):  # a sweep also writes the plain result at cam.bkg_thre, from the same pass
+            _report(cfg, {**base, **scorer.configured_result(), "threshold": threshold}, name, False, tag, log)
         _report(cfg, result, name, sweep, tag, log)
     dist.barrier()
     return result

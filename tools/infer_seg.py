@@ -50,7 +50,14 @@ from utils.inference import predict_seg_logits
 from utils.io import save_label_png
 from utils.logging import setup_logging
 from utils.pseudo_labels import check_settings
-from utils.run import load_trained_model, output_dir, pending_indices, resolve_checkpoint, save_npz, split_name
+from utils.run import (
+    checkpoint_identity,
+    load_trained_model,
+    output_dir,
+    pending_indices,
+    save_npz,
+    split_name,
+)
 from utils.visualize import overlay, save_image, side_by_side
 
 logger = logging.getLogger("tools.infer_seg")
@@ -151,7 +158,7 @@ def output_settings(cfg: DictConfig, device: torch.device) -> dict:
     ev = cfg.eval
     autocast = str(cfg.train.precision) if device.type == "cuda" and cfg.train.precision in AUTOCAST_DTYPES else "fp32"
     return {
-        "checkpoint": str(resolve_checkpoint(cfg).resolve()),
+        "checkpoint": checkpoint_identity(cfg),
         "scales": [float(s) for s in ev.scales],
         "flip": bool(ev.flip),
         "flip_fusion": str(ev.flip_fusion),

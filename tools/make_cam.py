@@ -39,7 +39,14 @@ from utils.cam import multiscale_cam
 from utils.config import add_config_arguments, config_from_args
 from utils.logging import setup_logging
 from utils.pseudo_labels import check_settings
-from utils.run import load_trained_model, output_dir, pending_indices, resolve_checkpoint, save_npz, split_name
+from utils.run import (
+    checkpoint_identity,
+    load_trained_model,
+    output_dir,
+    pending_indices,
+    save_npz,
+    split_name,
+)
 
 logger = logging.getLogger("tools.make_cam")
 
@@ -119,7 +126,7 @@ def cam_arrays(cam: torch.Tensor, cam_aux: torch.Tensor, label: torch.Tensor) ->
 def settings(cfg: DictConfig) -> dict:
     """What determines the exported maps; a resumed export must match it."""
     return {
-        "checkpoint": str(resolve_checkpoint(cfg).resolve()),
+        "checkpoint": checkpoint_identity(cfg),
         "scales": [float(s) for s in cfg.cam.scales],
         "fuse_lambda": float(cfg.memory.fuse_lambda),
     }

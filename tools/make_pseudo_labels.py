@@ -24,6 +24,7 @@ folder refuses a resume with different settings.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -111,6 +112,9 @@ def settings(cfg: DictConfig, opts: Options) -> dict:
     storage type is recorded by the ``soft/`` folder's own settings.
     """
     out = {k: v for k, v in vars(opts).items() if k not in ("soft", "soft_dtype")}
+    # the labels are only as current as the CAMs they come from: chain their settings (checkpoint identity included)
+    cams_settings = Path(cfg.run.out_dir) / "cams" / split_name(cfg) / "settings.json"
+    out["cams"] = json.loads(cams_settings.read_text()) if cams_settings.is_file() else None
     if opts.par:
         out["par_params"] = OmegaConf.to_container(cfg.par, resolve=True)
     if opts.crf:

@@ -41,6 +41,20 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
     return path
 
 
+def checkpoint_identity(cfg: DictConfig) -> dict[str, object]:
+    """The resolved ``eval.checkpoint`` with its size and modification time, for the tools' ``settings.json``.
+
+    A path alone would let outputs of an earlier training run (same run folder, same ``best.pth`` name) pass as
+    current; size and mtime change whenever a checkpoint is rewritten.
+    """
+    path = resolve_checkpoint(cfg).resolve()
+    stat = path.stat()
+    run_dir = Path(cfg.run.out_dir).resolve()
+    # relative to the run folder when inside it, so a run folder moved to another disk still resumes
+    shown = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
+    return {"path": str(shown), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def load_trained_model(cfg: DictConfig, device: torch.device) -> MSFC:
     """Build the run's model from its config and load ``eval.checkpoint`` into it (eval mode, no pretrained download).
 
