@@ -281,7 +281,8 @@ def test_tool_dual_par_soft_matches_the_pure_functions_and_resumes(cam_run) -> N
         seen |= set(np.unique(label).tolist())
         classes, _, cam_aux = load_cams(run / "cams" / "val" / f"{name}.npz")
         image = dataset[index]["img"].permute(1, 2, 0).numpy()
-        expected = cams_to_label(cam_aux, classes, image, high=0.7, low=0.25, dual=True, par=par)
+        high, low = float(cfg.cam.high_thre), float(cfg.cam.low_thre)
+        expected = cams_to_label(cam_aux, classes, image, high=high, low=low, dual=True, par=par)
         np.testing.assert_array_equal(label, expected)
         soft = load_npz(_outputs(run) / "soft" / f"{name}.npz")
         assert soft["classes"].tolist() == [0, *classes.tolist()]  # K+1 channels only
@@ -309,7 +310,7 @@ def test_tool_crf_path_matches_the_pure_function(cam_run) -> None:
     for index, name in enumerate(dataset.ids[:3]):
         classes, cam, _ = load_cams(run / "cams" / "val" / f"{name}.npz")
         image = dataset[index]["img"].permute(1, 2, 0).numpy()
-        expected = cams_to_label(cam, classes, image, bkg_thre=0.5, crf_params=params)
+        expected = cams_to_label(cam, classes, image, bkg_thre=float(cfg.cam.bkg_thre), crf_params=params)
         np.testing.assert_array_equal(read_label_png(_outputs(run) / f"{name}.png"), expected)
 
 
