@@ -27,7 +27,6 @@ at most a few images' probabilities are ever held in memory.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import sys
@@ -44,7 +43,6 @@ from tqdm import tqdm
 
 from datasets import build_dataset, collate_eval
 from utils import dist
-from utils.config import add_config_arguments, config_from_args
 from utils.crf import CRFPool
 from utils.inference import predict_seg_logits
 from utils.io import save_label_png
@@ -55,6 +53,7 @@ from utils.run import (
     load_trained_model,
     output_dir,
     pending_indices,
+    run_tool,
     save_npz,
     split_name,
 )
@@ -323,15 +322,8 @@ def run_inference(cfg: DictConfig) -> Stats:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    cfg = config_from_args(parser.parse_args(argv))
-    try:
-        run_inference(cfg)
-        return 0
-    finally:
-        dist.cleanup()
+    return run_tool(__doc__, run_inference, argv)
 
 
-if __name__ == "__main__":  # the guard matters: CRF pool workers are spawned and re-import this module
+if __name__ == "__main__":  # the guard matters: CRF pool processes import this module as __mp_main__
     sys.exit(main())

@@ -19,7 +19,6 @@ checkpoint, scales and λ, and a later run with other settings is refused instea
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import sys
@@ -36,7 +35,6 @@ from datasets import build_dataset, collate_eval
 from models import MSFC, fuse_similarity, normalize
 from utils import dist
 from utils.cam import multiscale_cam
-from utils.config import add_config_arguments, config_from_args
 from utils.logging import setup_logging
 from utils.pseudo_labels import check_settings
 from utils.run import (
@@ -44,6 +42,7 @@ from utils.run import (
     load_trained_model,
     output_dir,
     pending_indices,
+    run_tool,
     save_npz,
     split_name,
 )
@@ -181,14 +180,7 @@ def export_cams(cfg: DictConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    cfg = config_from_args(parser.parse_args(argv))
-    try:
-        export_cams(cfg)
-        return 0
-    finally:
-        dist.cleanup()
+    return run_tool(__doc__, export_cams, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ folder refuses a resume with different settings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -41,7 +40,6 @@ from tqdm import tqdm
 from datasets import build_dataset
 from models.par import PAR
 from utils import dist
-from utils.config import add_config_arguments, config_from_args
 from utils.crf import CRFPool
 from utils.io import read_image, save_label_png
 from utils.logging import setup_logging
@@ -57,7 +55,7 @@ from utils.pseudo_labels import (
     soft_label,
     stack_probabilities,
 )
-from utils.run import output_dir, pending_indices, save_npz, split_name
+from utils.run import output_dir, pending_indices, run_tool, save_npz, split_name
 
 logger = logging.getLogger("tools.make_pseudo_labels")
 
@@ -275,14 +273,7 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    cfg = config_from_args(parser.parse_args(argv))
-    try:
-        make_pseudo_labels(cfg)
-        return 0
-    finally:
-        dist.cleanup()
+    return run_tool(__doc__, make_pseudo_labels, argv)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ output atomically, and shows progress on rank 0.
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 from models import MSFC, build_model
 from utils import dist
 from utils.checkpoint import checkpoint_dir, load_model_state, read_checkpoint
+from utils.config import add_config_arguments, config_from_args
 from utils.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -116,3 +118,16 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"file not found: {path}") from None
     except (OSError, ValueError) as err:
         raise OSError(f"cannot read {path} (corrupt or not an .npz file): {err}") from err
+
+
+def run_tool(description: str, work: Callable[[DictConfig], object], argv: Sequence[str] | None = None) -> int:
+    """The ``main`` of an inference tool: the shared command line (``--run-dir RUN`` | ``--config FILE`` +
+    ``key=value``), then ``work(cfg)``; the process group is torn down however ``work`` ends."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    try:
+        work(cfg)
+        return 0
+    finally:
+        dist.cleanup()
