@@ -30,3 +30,21 @@ def test_report_collects_every_stage_and_marks_missing_ones(tmp_path):
     assert "| segmentation head | 55.0 |" in table and "| segmentation head + DenseCRF | not run |" in table
     assert "best threshold of the sweep (0.35)" in table
     assert (tmp_path / "results" / "seg_overlays" / "a.png").is_file()
+
+
+def test_compare_tabulates_runs_and_marks_untrained_seg_heads(tmp_path):
+    runs = []
+    for name, seg_weight, miou in (("baseline", 0.0, 0.5), ("full", 0.1, 0.6)):
+        run = tmp_path / name
+        cfg = load_config(
+            "configs/demo.yaml", [f"run.out_dir={run}", "data.root=/unused", f"loss.weight.seg={seg_weight}"]
+        )
+        save_config(cfg, run)
+        atomic_write_json(run / "eval" / "cams_val.json", {"miou": miou})
+        atomic_write_json(run / "eval" / "seg_val.json", {"miou": 0.01})
+        runs.append(run)
+    out = tmp_path / "table.md"
+    assert report.main(["--compare", *map(str, runs), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[2].startswith("| baseline | 50.0 | n/a | n/a | no seg head |")
+    assert lines[3].startswith("| full | 60.0 | n/a | n/a | 1.0 |")

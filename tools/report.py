@@ -113,8 +113,12 @@ def compare(run_dirs: list[Path]) -> str:
     header = "| run | " + " | ".join(label for _, label in COMPARED) + " | training time |"
     lines = [header, "|---" * (len(COMPARED) + 2) + "|"]
     for run in run_dirs:
-        results = collect(load_run_config(run, [f"run.out_dir={run}"]))
-        cells = ["n/a" if results[key] is None else f"{100 * results[key]:.1f}" for key, _ in COMPARED]
+        cfg = load_run_config(run, [f"run.out_dir={run}"])
+        results = collect(cfg)
+        if float(cfg.loss.weight.seg) == 0:  # the decoder was never trained: its mIoU means nothing
+            results["seg_miou"] = "no seg head"
+        cells = [value if isinstance(value, str) else "n/a" if value is None else f"{100 * value:.1f}"
+                 for value in (results[key] for key, _ in COMPARED)]  # fmt: skip
         seconds = results["train_seconds"]
         lines.append(
             f"| {run.name} | " + " | ".join(cells) + f" | {'n/a' if seconds is None else f'{seconds:.0f} s'} |"
