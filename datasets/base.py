@@ -43,7 +43,7 @@ PARALLEL_MIN_FILES = 512
 SHOW_IDS = 5
 
 
-def _preview(ids: Sequence[str]) -> str:
+def preview_ids(ids: Sequence[str]) -> str:
     shown = ", ".join(ids[:SHOW_IDS])
     return f"{shown}, ... ({len(ids)} in all)" if len(ids) > SHOW_IDS else shown
 
@@ -346,7 +346,7 @@ class SegmentationDataset(Dataset):
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} id(s) of split {self.split!r} have no image {self.image_dir}/<id>"
-                f"{self.layout.image_ext}: {_preview(missing)}"
+                f"{self.layout.image_ext}: {preview_ids(missing)}"
             )
         return [self.image_dir / f"{i}{self.layout.image_ext}" for i in ids]
 
@@ -379,7 +379,7 @@ class SegmentationDataset(Dataset):
             raise FileNotFoundError(
                 f"{len(unlabelled)} training id(s) of split {self.split!r} have neither a mask in "
                 f"{[str(d) for d in self.layout.mask_folders(self.root, self.split)]}{annotations}, so they have no "
-                f"image label: {_preview(unlabelled)}"
+                f"image label: {preview_ids(unlabelled)}"
             )
         if unlabelled:
             logger.warning("%d image(s) of split %s have no label (all-zero label vector)", len(unlabelled), self.split)
@@ -395,7 +395,7 @@ class SegmentationDataset(Dataset):
         if self.mode == "eval" and 0 < len(missing) < len(self.ids):
             raise FileNotFoundError(
                 f"{len(missing)} of {len(self.ids)} images of split {self.split!r} have no mask in "
-                f"{[str(d) for d in self.layout.mask_folders(self.root, self.split)]}: {_preview(missing)}"
+                f"{[str(d) for d in self.layout.mask_folders(self.root, self.split)]}: {preview_ids(missing)}"
             )
         return not missing
 

@@ -22,7 +22,7 @@ class MemoryContrast(nn.Module):
 
     Token labels come from the similarity map S exactly as §2.3 (`utils.cam.token_labels` with the high / low
     thresholds), pairs from `utils.cam.pair_labels`. S carries no gradient; the tokens do. The caller multiplies
-    the result by `adaptive_weight(...)` and only computes it once some bank class is initialised.
+    the result by `adaptive_memory_weight(...)` and only computes it once some bank class is initialised.
 
     forward(tokens [B, D, h, w], similarity [B, C_fg, h, w], img_box [B, 4], image_size (H, W)) -> scalar
     """
@@ -86,11 +86,6 @@ class MemoryContrast(nn.Module):
             )
             pairs = pair_labels(labels, ignore_index=self.ignore_index)
         return self.contrast(tokens, pairs)
-
-    @staticmethod
-    def adaptive_weight(similarity: torch.Tensor, cam_aux: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
-        """The adaptive weight w of L_mem; see `adaptive_memory_weight`."""
-        return adaptive_memory_weight(similarity, cam_aux, cam)
 
 
 @torch.no_grad()

@@ -127,7 +127,7 @@ def test_adaptive_weight_degenerate_and_constant() -> None:
     w = adaptive_memory_weight(s, torch.randn(3, 4, 5, 5, generator=gen), torch.rand(3, 4, 5, 5, generator=gen))
     assert not w.requires_grad
     assert math.exp(-1.0) - 1e-6 <= w.item() <= 1.0
-    assert MemoryContrast.adaptive_weight(s, s, s).item() == pytest.approx(math.exp(-1.0), rel=1e-6)
+    assert adaptive_memory_weight(s, s, s).item() == pytest.approx(math.exp(-1.0), rel=1e-6)
 
 
 def test_bad_input() -> None:

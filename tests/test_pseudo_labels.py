@@ -21,14 +21,13 @@ from utils.metrics import cam_to_label
 from utils.pseudo_labels import (
     argmax_label,
     cams_to_label,
-    check_settings,
     dual_label,
     load_cams,
     load_soft_label,
     soft_label,
     stack_probabilities,
 )
-from utils.run import load_npz, save_npz
+from utils.run import check_settings, load_npz, save_npz
 
 IGN = 255
 NUM_CLASSES = 21  # VOC, background included (configs/smoke.yaml inherits it)

@@ -2,7 +2,7 @@
 
 import torch
 
-from utils.views import PhotometricAugment, flip_boxes
+from utils.views import PhotometricAugment
 
 OFF = {"flip_p": 0.0, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
 
@@ -38,10 +38,3 @@ def test_same_generator_seed_gives_same_views_and_outputs_stay_in_range():
     c, _ = augment(images, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and torch.equal(fa, fb) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
-
-
-def test_flip_boxes_mirrors_only_flipped_rows():
-    boxes = torch.tensor([[0, 4, 1, 6], [2, 8, 0, 10]])
-    out = flip_boxes(boxes, torch.tensor([True, False]), width=10)
-    # x-range [1, 6) mirrored in a width-10 image is [10-6, 10-1) = [4, 9)
-    assert out.tolist() == [[0, 4, 4, 9], [2, 8, 0, 10]]

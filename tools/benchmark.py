@@ -29,6 +29,7 @@ from utils.crf import dense_crf
 from utils.engine import TrainStep
 from utils.inference import predict_seg_logits
 from utils.optim import build_optimizer
+from utils.run import crf_params
 
 STAGES = ("train", "cam", "seg", "crf")
 
@@ -114,7 +115,7 @@ def bench_crf(cfg: DictConfig, iters: int, size: tuple[int, int]) -> dict:
     image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
     prob = rng.random((int(cfg.data.num_classes), *size)).astype(np.float32)
     prob /= prob.sum(axis=0, keepdims=True)
-    params = dict(cfg.crf.items())
+    params = crf_params(cfg)
     wall, cpu = _time(lambda: dense_crf(image, prob, **params), iters, torch.device("cpu"))
     return {"images_per_second": 1 / wall, "cpu_seconds_per_image": cpu, "image": list(size), "workers": 1}
 

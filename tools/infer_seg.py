@@ -27,7 +27,6 @@ at most a few images' probabilities are ever held in memory.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -44,12 +43,13 @@ from tqdm import tqdm
 from datasets import build_dataset, collate_eval
 from utils import dist
 from utils.crf import CRFPool
-from utils.inference import predict_seg_logits
+from utils.inference import autocast, autocast_name, predict_seg_logits
 from utils.io import save_label_png
 from utils.logging import setup_logging
-from utils.pseudo_labels import check_settings
 from utils.run import (
+    check_settings,
     checkpoint_identity,
+    crf_params,
     load_trained_model,
     output_dir,
     pending_indices,
@@ -60,8 +60,6 @@ from utils.run import (
 from utils.visualize import overlay, save_image, side_by_side
 
 logger = logging.getLogger("tools.infer_seg")
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -132,30 +130,9 @@ def plan_work(cfg: DictConfig, ids: list[str], folders: Folders) -> Plan:
     return Plan(seg=seg, crf=crf, overlays=overlays, done=len(mine) - len(seg | crf))
 
 
-def _autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 / fp16 autocast for the forward on CUDA when ``train.precision`` asks for it; fp32 on the CPU."""
-    dtype = AUTOCAST_DTYPES.get(str(cfg.train.precision))
-    if device.type != "cuda" or dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def _crf_params(cfg: DictConfig) -> dict[str, float]:
-    crf = cfg.crf
-    return {
-        "iters": int(crf.iters),
-        "gauss_sxy": float(crf.gauss_sxy),
-        "gauss_compat": float(crf.gauss_compat),
-        "bilateral_sxy": float(crf.bilateral_sxy),
-        "bilateral_srgb": float(crf.bilateral_srgb),
-        "bilateral_compat": float(crf.bilateral_compat),
-    }
-
-
 def output_settings(cfg: DictConfig, device: torch.device) -> dict:
-    """What determines the seg outputs; a resumed run must match it (``utils.pseudo_labels.check_settings``)."""
+    """What determines the seg outputs; a resumed run must match it (``utils.run.check_settings``)."""
     ev = cfg.eval
-    autocast = str(cfg.train.precision) if device.type == "cuda" and cfg.train.precision in AUTOCAST_DTYPES else "fp32"
     return {
         "checkpoint": checkpoint_identity(cfg),
         "scales": [float(s) for s in ev.scales],
@@ -163,7 +140,7 @@ def output_settings(cfg: DictConfig, device: torch.device) -> dict:
         "flip_fusion": str(ev.flip_fusion),
         "scale_fusion": str(ev.scale_fusion),
         "resize": None if ev.resize is None else int(ev.resize),
-        "precision": autocast,
+        "precision": autocast_name(device, str(cfg.train.precision)),
     }
 
 
@@ -198,7 +175,7 @@ def network_stage(
         name, image = item["name"][0], item["img"][0]
         gt = item["mask"][0].numpy() if "mask" in item else None
         tick = time.perf_counter()
-        with _autocast(cfg, device):
+        with autocast(device, str(cfg.train.precision)):
             logits = predict_seg_logits(model, image.to(device)[None], tuple(ev.scales), bool(ev.flip),
                                         str(ev.flip_fusion), str(ev.scale_fusion), ev.resize)[0]  # fmt: skip
         prediction = logits.argmax(0).to(torch.uint8).cpu().numpy()  # .cpu() waits for the device: timing is exact
@@ -241,7 +218,7 @@ def crf_stage(
                 rgbs[name] = rgb
             yield name, rgb, prob
 
-    with CRFPool(int(cfg.eval.crf_workers), **_crf_params(cfg)) as pool:
+    with CRFPool(int(cfg.eval.crf_workers), **crf_params(cfg)) as pool:
         results = pool.imap(keep_overlay_images())
         while True:
             tick, produced = time.perf_counter(), stats.producer_seconds
@@ -293,7 +270,7 @@ def run_inference(cfg: DictConfig) -> Stats:
     seg_settings = output_settings(cfg, device)
     check_settings(folders.seg, seg_settings, write=dist.is_main_process())
     if folders.crf is not None:
-        check_settings(folders.crf, {**seg_settings, "crf": _crf_params(cfg)}, write=dist.is_main_process())
+        check_settings(folders.crf, {**seg_settings, "crf": crf_params(cfg)}, write=dist.is_main_process())
     plan = plan_work(cfg, dataset.ids, folders)
     stats = Stats()
     pending = dist.all_reduce_sum(torch.tensor([len(plan.todo)], dtype=torch.int64, device=device)).item()

@@ -19,7 +19,6 @@ checkpoint, scales and λ, and a later run with other settings is refused instea
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -35,9 +34,10 @@ from datasets import build_dataset, collate_eval
 from models import MSFC, fuse_similarity, normalize
 from utils import dist
 from utils.cam import multiscale_cam
+from utils.inference import autocast
 from utils.logging import setup_logging
-from utils.pseudo_labels import check_settings
 from utils.run import (
+    check_settings,
     checkpoint_identity,
     load_trained_model,
     output_dir,
@@ -95,14 +95,6 @@ def memory_similarity(model: MSFC, x: torch.Tensor, labels: torch.Tensor) -> tor
     return model.memory.similarity(tokens, labels.to(tokens.device))
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast for the forward on CUDA (``train.precision``); CPU runs fp32."""
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if device.type != "cuda" or precision not in dtypes:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtypes[precision])
-
-
 def cam_arrays(cam: torch.Tensor, cam_aux: torch.Tensor, label: torch.Tensor) -> dict[str, np.ndarray]:
     """The file content of one image: its present classes and their float16 maps.
 
@@ -158,7 +150,7 @@ def export_cams(cfg: DictConfig) -> dict:
         for item in tqdm(loader, desc=f"cams {split}", disable=rank != 0, dynamic_ncols=True):
             x = normalize(item["img"][0].to(device)[None])
             label = item["label"][0].to(device)[None]
-            with _autocast(device, str(cfg.train.precision)):
+            with autocast(device, str(cfg.train.precision)):
                 cam, cam_aux = multiscale_cam(model, x, scales, max_batch)
                 if lam > 0:
                     sim = memory_similarity(model, x, label)

@@ -47,7 +47,6 @@ from utils.pseudo_labels import (
     IGNORE_INDEX,
     SOFT_DTYPES,
     check_image,
-    check_settings,
     label_thresholds,
     labels_from_stacks,
     load_cams,
@@ -55,7 +54,7 @@ from utils.pseudo_labels import (
     soft_label,
     stack_probabilities,
 )
-from utils.run import output_dir, pending_indices, run_tool, save_npz, split_name
+from utils.run import check_settings, crf_params, output_dir, pending_indices, run_tool, save_npz, split_name
 
 logger = logging.getLogger("tools.make_pseudo_labels")
 
@@ -116,7 +115,7 @@ def settings(cfg: DictConfig, opts: Options) -> dict:
     if opts.par:
         out["par_params"] = OmegaConf.to_container(cfg.par, resolve=True)
     if opts.crf:
-        out["crf_params"] = OmegaConf.to_container(cfg.crf, resolve=True)
+        out["crf_params"] = crf_params(cfg)
     return out
 
 
@@ -156,7 +155,7 @@ class Pipeline:
         self.opts = opts
         self.device = device
         self.par = PAR(tuple(int(d) for d in cfg.par.dilations), int(cfg.par.num_iter)) if opts.par else None
-        self.crf_params = OmegaConf.to_container(cfg.crf, resolve=True) if opts.crf else None
+        self.crf_params = crf_params(cfg) if opts.crf else None
         self.refine = opts.par or opts.crf
 
     def prepare(self, index: int, name: str, cam_path: Path, image_path: Path) -> Prepared:

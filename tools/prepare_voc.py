@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from datasets.base import mask_classes, read_id_list, scan_ids
+from datasets.base import mask_classes, preview_ids, read_id_list, scan_ids
 from datasets.voc import AUG_MASK_DIR, VOC_LAYOUT, derive_voc_ids
 
 # Folders every use needs (images, lists, official masks) and the aug masks that the default train_aug split needs.
@@ -36,11 +36,6 @@ class Report:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
-
-
-def _preview(ids: Sequence[str]) -> str:
-    shown = ", ".join(ids[:SHOW])
-    return f"{shown}, ... ({len(ids)} in all)" if len(ids) > SHOW else shown
 
 
 def _split_ids(root: Path, split: str, report: Report) -> list[str] | None:
@@ -113,21 +108,21 @@ def check_voc(root: str | Path, deep: bool = False) -> Report:
         no_image = [i for i in ids if i not in images]
         if no_image:
             report.errors.append(
-                f"{split}: {len(no_image)} id(s) without image {VOC_LAYOUT.image_dir}/<id>.jpg: {_preview(no_image)}"
+                f"{split}: {len(no_image)} id(s) without image {VOC_LAYOUT.image_dir}/<id>.jpg: {preview_ids(no_image)}"
             )
         if split in SPLITS_WITH_MASKS:
             no_mask = [i for i in ids if i not in masks]
             if no_mask:
                 report.errors.append(
                     f"{split}: {len(no_mask)} id(s) without mask in {' or '.join(VOC_LAYOUT.mask_dirs)}: "
-                    f"{_preview(no_mask)}"
+                    f"{preview_ids(no_mask)}"
                 )
             if deep:
                 _deep_check(root, split, ids, masks, report)
     if "train_aug" in split_ids and "val" in split_ids:
         leaked = sorted(set(split_ids["train_aug"]) & set(split_ids["val"]))
         if leaked:
-            report.errors.append(f"train_aug contains {len(leaked)} val id(s): {_preview(leaked)}")
+            report.errors.append(f"train_aug contains {len(leaked)} val id(s): {preview_ids(leaked)}")
     for split, count in report.counts.items():
         expected = VOC_LAYOUT.expected_counts.get(split)
         if expected is not None and count != expected:

@@ -44,7 +44,7 @@ from models.par import PAR
 from utils import cam as camlib
 from utils import dist
 from utils.checkpoint import unwrap
-from utils.inference import predict_seg_logits
+from utils.inference import autocast, predict_seg_logits
 from utils.metrics import ConfusionMatrix, cam_to_label
 from utils.views import PhotometricAugment
 from utils.visualize import cam_heatmap, overlay, side_by_side
@@ -136,14 +136,11 @@ class TrainStep:
                                   float(cfg.loss.reg_sigma_rgb)),
             }
         )  # fmt: skip
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         if cfg.train.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
 
     def autocast(self) -> torch.autocast:
-        """Mixed precision on CUDA per ``train.precision``; CPU runs in fp32 (bf16 CPU autocast is slow there)."""
-        enabled = self.device.type == "cuda" and self.amp_dtype is not None
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled)
+        return autocast(self.device, str(self.cfg.train.precision))
 
     def active(self, step: int) -> list[str]:
         loss = self.cfg.loss
@@ -158,7 +155,7 @@ class TrainStep:
         labels = batch["label"].float()  # [B, C_fg]
         box = batch["img_box"]  # [B, 4]
         size = (self.crop, self.crop)
-        x = normalize(images01)
+        x = normalize(batch["img"])  # from uint8: no range check, so no device synchronisation
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
 

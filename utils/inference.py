@@ -11,6 +11,23 @@ from torch import nn
 from models import normalize
 
 FUSIONS = ("sum", "mean", "max")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision for forward passes per ``train.precision`` (bf16 | fp16) on CUDA; fp32 everywhere else.
+
+    CPU runs stay fp32: bf16 autocast on CPU is slow and the tiny CPU configs gain nothing from it.
+    """
+    dtype = AUTOCAST_DTYPES.get(str(precision))
+    return torch.autocast(
+        device.type, dtype=dtype or torch.float32, enabled=device.type == "cuda" and dtype is not None
+    )
+
+
+def autocast_name(device: torch.device, precision: str) -> str:
+    """The precision :func:`autocast` actually uses (recorded by the tools' ``settings.json``)."""
+    return str(precision) if device.type == "cuda" and precision in AUTOCAST_DTYPES else "fp32"
 
 
 def _fuse(stack: torch.Tensor, rule: str, what: str) -> torch.Tensor:
@@ -57,12 +74,13 @@ def predict_seg_logits(
         ``[B, C, H, W]`` float32 logits, fused over flips then scales, upsampled to the input size.
     """
     height, width = images.shape[-2:]
-    base = resize_long_side(images.float() / (255.0 if images.dtype == torch.uint8 else 1.0), resize)
+    # Normalise once, then resize: bilinear resizing commutes with the per-channel affine normalisation.
+    base = resize_long_side(normalize(images), resize)
     patch = model.patch_size
     per_scale = []
     for scale in scales:
         size = [max(patch, round(side * scale / patch) * patch) for side in base.shape[-2:]]
-        x = normalize(F.interpolate(base, size=size, mode="bilinear", align_corners=False))
+        x = F.interpolate(base, size=size, mode="bilinear", align_corners=False)
         batch = torch.cat([x, x.flip(-1)]) if flip else x
         logits = model(batch, with_seg=True).seg_logits.float()
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)

@@ -16,7 +16,6 @@ of equal maxima, so background wins ties, as in :func:`utils.metrics.cam_to_labe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.crf import dense_crf
-from utils.io import atomic_write_json
 from utils.run import load_npz
 
 IGNORE_INDEX = 255
@@ -341,35 +339,3 @@ def load_soft_label(path: str | Path, num_classes: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------------
 # Output folders made with one set of settings
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def check_settings(folder: Path, settings: Mapping[str, Any], write: bool) -> None:
-    """Refuse to resume into ``folder`` when its outputs were made with other settings.
-
-    The tools skip ids whose output exists; without this check, changing e.g. ``pseudo.par`` and re-running would
-    silently mix old and new outputs. ``folder/settings.json`` records the settings of the first run.
-
-    Args:
-        folder: the output folder.
-        settings: JSON-serialisable values that determine the outputs.
-        write: record ``settings`` when the folder has none yet (rank 0 only).
-
-    Raises:
-        ValueError: the recorded settings differ; the message lists the keys and how to proceed.
-    """
-    path = folder / "settings.json"
-    plain = json.loads(json.dumps(dict(settings)))  # tuples -> lists, so a re-read compares equal
-    if path.is_file():
-        try:
-            recorded = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read {path}: {err}; delete it if the folder's outputs are stale") from err
-        changed = sorted(k for k in set(plain) | set(recorded) if plain.get(k) != recorded.get(k))
-        if changed:
-            diff = "; ".join(f"{k}: {recorded.get(k)!r} -> {plain.get(k)!r}" for k in changed)
-            raise ValueError(
-                f"{folder} holds outputs made with other settings ({diff}); delete the folder to redo them, or run "
-                "with the recorded settings to resume"
-            )
-    elif write:
-        atomic_write_json(path, plain)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from models import MSFC, build_model
 from utils import dist
 from utils.checkpoint import checkpoint_dir, load_model_state, read_checkpoint
 from utils.config import add_config_arguments, config_from_args
-from utils.io import atomic_write_bytes
+from utils.io import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,11 @@ def _without_pretrained(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create(plain)
 
 
+def crf_params(cfg: DictConfig) -> dict[str, float]:
+    """The ``crf.*`` keys as keyword arguments of ``utils.crf.dense_crf`` / ``CRFPool``."""
+    return {key: int(value) if key == "iters" else float(value) for key, value in cfg.crf.items()}
+
+
 def split_name(cfg: DictConfig) -> str:
     """The split the inference tools work on: ``eval.split``, else ``data.val_split``."""
     return str(cfg.eval.split if cfg.eval.split is not None else cfg.data.val_split)
@@ -131,3 +138,35 @@ def run_tool(description: str, work: Callable[[DictConfig], object], argv: Seque
         return 0
     finally:
         dist.cleanup()
+
+
+def check_settings(folder: Path, settings: Mapping[str, Any], write: bool) -> None:
+    """Refuse to resume into ``folder`` when its outputs were made with other settings.
+
+    The tools skip ids whose output exists; without this check, changing e.g. ``pseudo.par`` and re-running would
+    silently mix old and new outputs. ``folder/settings.json`` records the settings of the first run.
+
+    Args:
+        folder: the output folder.
+        settings: JSON-serialisable values that determine the outputs.
+        write: record ``settings`` when the folder has none yet (rank 0 only).
+
+    Raises:
+        ValueError: the recorded settings differ; the message lists the keys and how to proceed.
+    """
+    path = folder / "settings.json"
+    plain = json.loads(json.dumps(dict(settings)))  # tuples -> lists, so a re-read compares equal
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {path}: {err}; delete it if the folder's outputs are stale") from err
+        changed = sorted(k for k in set(plain) | set(recorded) if plain.get(k) != recorded.get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {recorded.get(k)!r} -> {plain.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"{folder} holds outputs made with other settings ({diff}); delete the folder to redo them, or run "
+                "with the recorded settings to resume"
+            )
+    elif write:
+        atomic_write_json(path, plain)

@@ -70,9 +70,3 @@ class PhotometricAugment:
             raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images01.shape)}")
         views, flips = zip(*(self._one(image, generator) for image in images01.float()), strict=True)
         return torch.stack(views), torch.tensor(flips, dtype=torch.bool, device=images01.device)
-
-
-def flip_boxes(img_box: torch.Tensor, flipped: torch.Tensor, width: int) -> torch.Tensor:
-    """Mirror ``(y0, y1, x0, x1)`` end-exclusive boxes ``[B, 4]`` of images that were flipped horizontally."""
-    mirrored = torch.stack([img_box[:, 0], img_box[:, 1], width - img_box[:, 3], width - img_box[:, 2]], dim=1)
-    return torch.where(flipped[:, None], mirrored, img_box)
