@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Inference + evaluation of a trained PASCAL VOC run: CAMs, pseudo labels, segmentation (+ DenseCRF), each scored.
-# The run's config.yaml carries the VOC settings (full resolution, scales 1.0/1.25/1.5 + flip); stages in
-# scripts/infer_pipeline.sh, GPUs and machines in scripts/launch.sh.
+# Inference + evaluation of a trained PASCAL VOC run by the protocol of SPEC §8, from the final checkpoint: CAMs and
+# pseudo labels scored on train (1,464 images, SegmentationClass) at cam.bkg_thre, segmentation (+ DenseCRF) on val;
+# then the protocol table. The CAM threshold sweep is reported apart (GT-tuned threshold, oracle — not a protocol
+# number). The run's config.yaml carries the VOC settings (full resolution, scales 1.0/1.25/1.5 + flip); stages in
+# scripts/infer_pipeline.sh (eval.cam_split / eval.split / eval.checkpoint), GPUs and machines in scripts/launch.sh.
 # Usage: NGPUS=2 ./infer_run_VOC.sh runs/voc [key=value ...]
 set -euo pipefail
 exec "$(dirname "$0")/scripts/infer_pipeline.sh" "$@"

@@ -5,9 +5,10 @@ annotations; VOC and COCO differ only by theirs (``datasets/voc.py``, ``datasets
 checking the tree to building training crops, is this file.
 
 Split ids come from ``<list_dir>/<split>.txt`` when a list folder is given, else from the layout's own list file,
-else they are derived from disk by the layout. Image labels come from the masks (unique values minus 0 and 255) or,
-where a layout has annotations and an image has no mask, from its XML. Derived lists and labels are cached as JSON
-in a run-side folder, never inside the dataset.
+else they are derived from disk by the layout. Image labels come from the layout's label file when it has one (COCO:
+the categories of the instances JSON, written by ``tools/prepare_coco.py``), else from the masks (unique values minus
+0 and 255) or, where a layout has annotations and an image has no mask, from its XML. Derived lists and mask / XML
+labels are cached as JSON in a run-side folder, never inside the dataset; a label file is read as it is, never cached.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Layout:
         image_ext: image file extension.
         derive_ids: ``(layout, root, split) -> ids`` for splits without a list file, or None when not derivable.
         expected_counts: split -> image count of the full official dataset (for reports).
+        label_file: JSON file of image labels, ``{"labels": {id: [class ids 1..C-1]}}`` (see
+            :func:`read_label_file`), used instead of masks and XML; None = labels come from masks / XML.
+        label_hint: what to do when ``label_file`` is missing, quoted in the error (``{root}`` = the dataset root).
     """
 
     name: str
@@ -80,6 +84,8 @@ class Layout:
     image_ext: str = ".jpg"
     derive_ids: Callable[[Layout, Path, str], list[str] | None] | None = None
     expected_counts: Mapping[str, int] = field(default_factory=dict)
+    label_file: str | None = None
+    label_hint: str = ""
 
     def _fill(self, template: str, split: str) -> str:
         if "{folder}" not in template:
@@ -102,6 +108,9 @@ class Layout:
 
     def list_path(self, root: Path, split: str) -> Path:
         return root / self.list_file.format(split=split)
+
+    def label_path(self, root: Path, split: str) -> Path | None:
+        return None if self.label_file is None else root / self._fill(self.label_file, split)
 
 
 def scan_ids(folder: Path, ext: str) -> set[str]:
@@ -148,6 +157,31 @@ def mask_classes(path: str | os.PathLike, num_classes: int) -> list[int]:
             f"(data.num_classes = {num_classes})"
         )
     return [int(v) for v in present if 0 < v < num_classes]
+
+
+def read_label_file(path: Path, num_classes: int, hint: str = "") -> dict[str, list[int]]:
+    """Image labels of a layout's label file: ``{"labels": {id: [class ids]}}`` JSON (other keys are provenance).
+
+    Class ids are those of the masks (1..C-1; background 0 is never listed). A missing or malformed file is an error
+    that quotes ``hint`` (how to make it): labels are never silently re-derived from masks, which lose classes
+    (SPEC §7).
+    """
+    advice = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"image label file {path} not found{advice}")
+    try:
+        with open(path) as f:
+            labels = json.load(f)["labels"]
+        labels = {str(name): sorted({int(c) for c in classes}) for name, classes in labels.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"cannot read image labels from {path} ({err!r}){advice}") from err
+    bad = sorted({c for classes in labels.values() for c in classes if not 0 < c < num_classes})
+    if bad:
+        raise ValueError(
+            f"{path} lists class id(s) {bad[:SHOW_IDS]}; expected 1..{num_classes - 1} "
+            f"(data.num_classes = {num_classes})"
+        )
+    return labels
 
 
 def xml_classes(path: str | os.PathLike, class_names: Sequence[str]) -> list[int]:
@@ -283,11 +317,14 @@ class SegmentationDataset(Dataset):
                 f"{layout.description} under data.root = {self.root}"
             )
         list_source, listed = self._listed_ids(list_dir)
-        cache = LabelCache(
-            Path(cache_dir) / f"{layout.name}_{split}.json",
-            {"version": CACHE_VERSION, "dataset": layout.name, "root": str(self.root), "split": split,
-             "list": list_source, "num_classes": num_classes},
-        )  # fmt: skip
+        self.label_path = layout.label_path(self.root, split)
+        key = {"version": CACHE_VERSION, "dataset": layout.name, "root": str(self.root), "split": split,
+               "list": list_source, "num_classes": num_classes}  # fmt: skip
+        if self.label_path is not None:
+            # Labels then come from the file, never from the cache: the extra key also discards caches written
+            # before the layout had a label file, which hold mask-derived labels (missing crowd-only classes).
+            key["labels"] = str(self.label_path)
+        cache = LabelCache(Path(cache_dir) / f"{layout.name}_{split}.json", key)
         ids = listed if listed is not None else self._derived_ids(cache)
         if not ids:
             raise ValueError(f"split {split!r} of {self.root} is empty (list: {list_source})")
@@ -359,7 +396,33 @@ class SegmentationDataset(Dataset):
         return [found.get(i) for i in ids]
 
     def _labels(self, ids: list[str], cache: LabelCache, workers: int) -> np.ndarray:
-        """``[N, C_fg]`` float32 multi-hot labels; unknown ones are derived and added to the cache."""
+        """``[N, C_fg]`` float32 multi-hot labels: from the layout's label file, else from masks / XML (cached)."""
+        if self.label_path is not None:
+            hint = self.layout.label_hint.format(root=self.root)
+            known = read_label_file(self.label_path, self.num_classes, hint)
+            missing_from = f"no entry in the label file {self.label_path}"
+        else:
+            known = self._derived_labels(ids, cache, workers)
+            xml_dir = self.layout.annotation_folder(self.root)
+            annotations = "" if xml_dir is None else f" or annotation {xml_dir}/<id>.xml"
+            folders = [str(d) for d in self.layout.mask_folders(self.root, self.split)]
+            missing_from = f"neither a mask in {folders}{annotations}"
+        unlabelled = [i for i in ids if i not in known]
+        if unlabelled and self.mode == "train":
+            raise FileNotFoundError(
+                f"{len(unlabelled)} training id(s) of split {self.split!r} have {missing_from}, so they have no "
+                f"image label: {preview_ids(unlabelled)}"
+            )
+        if unlabelled:
+            logger.warning("%d image(s) of split %s have no label (all-zero label vector)", len(unlabelled), self.split)
+        labels = np.zeros((len(ids), self.num_classes - 1), dtype=np.float32)
+        for row, i in enumerate(ids):
+            for c in known.get(i, ()):
+                labels[row, c - 1] = 1.0
+        return labels
+
+    def _derived_labels(self, ids: list[str], cache: LabelCache, workers: int) -> Mapping[str, list[int]]:
+        """Labels from masks (else XML) for every id that has one; unknown ones are derived and added to the cache."""
         todo = [(i, m) for i, m in zip(ids, self.mask_paths, strict=True) if i not in cache.labels]
         from_masks = [(i, m) for i, m in todo if m is not None]
         if from_masks:
@@ -373,21 +436,7 @@ class SegmentationDataset(Dataset):
             names = self.layout.class_names[: self.num_classes]
             with_xml = [i for i in no_mask if (xml_dir / f"{i}.xml").is_file()]
             cache.add_labels({i: xml_classes(xml_dir / f"{i}.xml", names) for i in with_xml})
-        unlabelled = [i for i in ids if i not in cache.labels]
-        if unlabelled and self.mode == "train":
-            annotations = "" if xml_dir is None else f" or annotation {xml_dir}/<id>.xml"
-            raise FileNotFoundError(
-                f"{len(unlabelled)} training id(s) of split {self.split!r} have neither a mask in "
-                f"{[str(d) for d in self.layout.mask_folders(self.root, self.split)]}{annotations}, so they have no "
-                f"image label: {preview_ids(unlabelled)}"
-            )
-        if unlabelled:
-            logger.warning("%d image(s) of split %s have no label (all-zero label vector)", len(unlabelled), self.split)
-        labels = np.zeros((len(ids), self.num_classes - 1), dtype=np.float32)
-        for row, i in enumerate(ids):
-            for c in cache.labels.get(i, ()):
-                labels[row, c - 1] = 1.0
-        return labels
+        return cache.labels
 
     def _check_mask_coverage(self) -> bool:
         """Whether eval items carry masks; a split where only some images have one is a broken download."""

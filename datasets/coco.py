@@ -1,6 +1,9 @@
 """MS-COCO 2014 layout (SPEC §7): ``data.root`` = ``.../MSCOCO`` with VOC-style PNG masks 0..80 (255 = ignore).
 
-Masks and split lists are generated from the official instances JSON by ``python -m tools.prepare_coco``.
+Masks, split lists and image labels are generated from the official instances JSON by ``python -m tools.prepare_coco``.
+Image labels are read from ``ImageSets/labels_{train2014,val2014}.json`` (``val_part`` reads val2014's), not from
+the masks: a class present only as a crowd region (255 in the mask) or only as an instance too small to rasterise is
+still in the label (SPEC §7).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import numpy as np
 from datasets.base import Layout, scan_ids
 from datasets.classes import COCO_CLASSES
 
+# Image labels per COCO split folder ({folder} = train2014 / val2014), written by tools/prepare_coco.py.
+LABEL_FILE = "ImageSets/labels_{folder}.json"
 # The fixed in-training validation subset of val2014 (SPEC §7): VAL_PART_SIZE ids drawn with VAL_PART_SEED.
 VAL_PART_SIZE = 5000
 VAL_PART_SEED = 0
@@ -50,7 +55,7 @@ COCO_LAYOUT = Layout(
     name="coco",
     description=(
         "MSCOCO/{coco2014/{train2014,val2014}/<id>.jpg, SegmentationClass/{train2014,val2014}/<id>.png, "
-        "ImageSets/<split>.txt}"
+        "ImageSets/{<split>.txt, labels_{train2014,val2014}.json}}"
     ),
     image_dir="coco2014/{folder}",
     mask_dirs=("SegmentationClass/{folder}",),
@@ -59,4 +64,10 @@ COCO_LAYOUT = Layout(
     split_folders={"train": "train2014", "val": "val2014", "val_part": "val2014"},
     derive_ids=derive_coco_ids,
     expected_counts={"train": 82081, "val": 40137, "val_part": 5000},
+    label_file=LABEL_FILE,
+    label_hint=(
+        "re-run `python -m tools.prepare_coco {root}` to write it (a tree prepared by an older version has none; the "
+        "masks already written are kept). COCO image labels come from the instances JSON (SPEC §7), not from the "
+        "masks, which lose crowd-only and tiny classes, so they are not re-derived from the masks"
+    ),
 )

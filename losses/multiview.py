@@ -9,20 +9,44 @@ from torch import nn
 NORM_EPS = 1e-5
 
 
+SMC_REDUCTIONS = ("all_terms", "group_sum")
+
+
 class MultiViewContrast(nn.Module):
     """SMCM loss (SPEC §4.4): each view's CAM must match the multi-scale CAM and the other views.
 
     The view CAMs (raw, with gradient, already mapped back to the main frame) are ReLU'd and max-normalised per image
-    and class; the maximum is taken over the whole map, as for the main CAM (SPEC §2.1). Then
+    and class; the maximum is taken over the whole map, as for the main CAM (SPEC §2.1). Each term
+    `m(X, Y) = mean |X − Y|` is averaged over the present-class pixels inside img_box, pooled over the batch (every
+    such pixel of every image weighs the same). The terms are the V view-vs-main terms m(CAM_v, sg(CAM_main)) and the
+    V(V−1)/2 view-vs-view terms m(CAM_v, CAM_w), v < w.
 
-    `L = mean_v |CAM_v − sg(CAM_main)| + mean_{v<w} |CAM_v − CAM_w|`
+    - `reduction="all_terms"` (default, SPEC §4.4, the released code's normalisation): one mean over all
+      V + V(V−1)/2 terms (6 for V = 3).
+    - `reduction="group_sum"`: `mean_v m(CAM_v, sg(CAM_main)) + mean_{v<w} m(CAM_v, CAM_w)`, the pair group being 0
+      for a single view. For V = 3 both groups have 3 terms, so this is exactly twice `all_terms`.
 
-    where each |·| is averaged over the present-class pixels inside img_box, pooled over the batch (every such pixel
-    of every image weighs the same). With a single view the pair term is 0. With no present class inside any box
-    there is nothing to compare and the loss is a zero connected to `view_cams`.
+    With V = 1 both reductions give the single view-vs-main term. With no present class inside any box there is
+    nothing to compare and the loss is a zero connected to `view_cams`.
 
     forward(view_cams [V, B, C_fg, h, w], main_cam [B, C_fg, h, w], labels [B, C_fg], valid [B, h, w]) -> scalar
     """
+
+    def __init__(self, reduction: str = "all_terms") -> None:
+        """Create the loss.
+
+        Args:
+            reduction: `all_terms` (one mean over every term, SPEC §4.4) or `group_sum` (sum of the two group means).
+        """
+        super().__init__()
+        if reduction not in SMC_REDUCTIONS:
+            raise ValueError(
+                f"MultiViewContrast: reduction must be one of {', '.join(SMC_REDUCTIONS)}, got {reduction!r}"
+            )
+        self.reduction = reduction
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction}"
 
     def forward(
         self, view_cams: torch.Tensor, main_cam: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
@@ -48,12 +72,14 @@ class MultiViewContrast(nn.Module):
         def masked_mean(diff: torch.Tensor) -> torch.Tensor:
             return torch.where(mask, diff.abs(), torch.zeros_like(diff)).sum() / count
 
-        num_views = views.shape[0]
-        to_main = torch.stack([masked_mean(views[v] - target) for v in range(num_views)]).mean()
-        pair_terms = [masked_mean(views[v] - views[u]) for v in range(num_views) for u in range(v + 1, num_views)]
-        between = torch.stack(pair_terms).mean() if pair_terms else views.sum() * 0.0
         # The masked sums are exactly zero (and their gradient too) when the mask is empty, so no branch is needed.
-        return to_main + between
+        num_views = views.shape[0]
+        to_main = [masked_mean(views[v] - target) for v in range(num_views)]
+        between = [masked_mean(views[v] - views[u]) for v in range(num_views) for u in range(v + 1, num_views)]
+        if self.reduction == "all_terms":
+            return torch.stack(to_main + between).mean()
+        pair_mean = torch.stack(between).mean() if between else views.sum() * 0.0
+        return torch.stack(to_main).mean() + pair_mean
 
     @staticmethod
     def _check(view_cams: torch.Tensor, main_cam: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:

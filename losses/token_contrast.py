@@ -79,15 +79,25 @@ def token_similarity(tokens: torch.Tensor) -> torch.Tensor:
 class ClassTokenContrast(nn.Module):
     """TFCM class-level term (SPEC §4.3): teacher global views against student global and local views.
 
-    ℓ[t, j] = exp(⟨t̂, ŝ_j⟩ / T) with t̂, ŝ the **L2-normalised** teacher and student head outputs. The SPEC writes the
-    raw inner product; the projection head's 1024-d outputs have entries in [-1, 1], so a raw dot product reaches
-    ~1024 / T and `exp` overflows float32. Normalising makes the logits cosines in [-1/T, 1/T] (as in DINO-style
-    heads with a temperature).
+    Logits z[t, j] = ⟨teacher_t, student_j⟩ / T on the **raw** projection-head outputs (the published loss; the
+    head's last layer is weight-normalised over an L2-normalised bottleneck, so the outputs have norm ≈ 2 at init
+    and the logits stay moderate). ℓ = exp(z). Per image, with P / N the positive / negative views and
+    Σneg_t = Σ_{j∈N} ℓ[t, j]:
 
-    For each teacher row t: Σneg = Σ_{j negative} ℓ[t, j] and each positive j contributes
-    `−log(ℓ[t, j] / (ℓ[t, j] + Σneg + 1e-4))`. The loss averages over teacher rows and positives within an image,
-    then over images (images without any positive view are skipped). It is evaluated in log space,
-    `logsumexp(z_j, z_neg..., log 1e-4) − z_j`, which equals the formula but never overflows.
+    `L_img = ( Σ_t [ Σ_{j∈P} −log(ℓ[t,j] / (ℓ[t,j] + Σneg_t + 1e-4)) − log(1 / (1 + Σneg_t + 1e-4)) ] )
+    / 2 / (|P| + 1e-4)`
+
+    The last term is added once per teacher row, also when P is empty (the `else` branch of the published loop);
+    the 2 is a literal constant, whatever the number of teacher rows (the published teacher has two). L_ctc is the
+    mean of L_img over **all** images. An image without positive views therefore weighs 1e4 × its `else` terms; it
+    cannot occur in training, where the two global views are always positive.
+
+    `normalize=True` L2-normalises teacher and student outputs first, so the logits are cosines / T (a temperature
+    change by |t|·|s|). The option changes the logits only: the reduction above is the same in both settings.
+
+    Evaluated in log space: with a_t = log(Σneg_t + 1e-4) = logsumexp(z_N, log 1e-4), each positive term is
+    `log(1 + exp(a_t − z_tj))` and the last term `log(1 + exp(a_t))` (`logaddexp(0, ·)`), which equal the formula
+    wherever its float64 evaluation is finite and never overflow, whatever the size of the logits.
 
     Every student view (including the one that the teacher row comes from) takes part, as in the SPEC formula. The
     teacher is detached here as well, so no gradient can reach the teacher head even if the caller forgot.
@@ -95,19 +105,21 @@ class ClassTokenContrast(nn.Module):
     forward(student [B, V, K], teacher [B, T, K], negative [B, V] bool) -> scalar
     """
 
-    def __init__(self, temperature: float = 0.5) -> None:
+    def __init__(self, temperature: float = 0.5, normalize: bool = False) -> None:
         """Create the loss.
 
         Args:
-            temperature: T > 0 dividing the cosine logits (VOC 0.5, COCO 1.0).
+            temperature: T > 0 dividing the logits (VOC 0.5, COCO 1.0).
+            normalize: L2-normalise teacher and student outputs before the dot product (off = published).
         """
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"ClassTokenContrast: temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+        self.normalize = bool(normalize)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, normalize={self.normalize}"
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         """Compute the loss.
@@ -118,27 +130,31 @@ class ClassTokenContrast(nn.Module):
             negative: `[B, V]` bool, True for negative views (global views are always False).
 
         Returns:
-            0-dim float32 tensor.
+            0-dim tensor, float32 (float64 for float64 inputs).
         """
         self._check(student, teacher, negative)
-        # float32 with autocast off: a bf16 bmm would put ~1e-2 errors on logits scaled by 1 / T.
+        # float32 (at least) with autocast off: a bf16 bmm would put ~1e-2 errors on logits scaled by 1 / T.
+        dtype = torch.promote_types(student.dtype, torch.float32)
         with torch.autocast(device_type=student.device.type, enabled=False):
-            s = F.normalize(student.float(), dim=-1)
-            t = F.normalize(teacher.detach().float(), dim=-1)
+            s = student.to(dtype)
+            t = teacher.detach().to(dtype)
+            if self.normalize:
+                s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
             logits = torch.bmm(t, s.transpose(1, 2)) / self.temperature  # [B, T, V]
-        negative = negative.bool()[:, None, :].expand_as(logits)
-        # log(Σneg + 1e-4) per teacher row: the masked logits plus one constant column log(1e-4).
-        masked = logits.masked_fill(negative.logical_not(), float("-inf"))
-        eps_column = logits.new_full((*logits.shape[:2], 1), math.log(CTC_EPS))
-        log_neg = torch.logsumexp(torch.cat([masked, eps_column], dim=-1), dim=-1, keepdim=True)  # [B, T, 1]
-        per_pair = torch.logaddexp(logits, log_neg) - logits  # [B, T, V], −log(ℓ / (ℓ + Σneg + 1e-4))
-        positive = negative.logical_not()
-        per_pair = torch.where(positive, per_pair, torch.zeros_like(per_pair))
-        count = positive.sum(dim=(1, 2))  # [B]
-        per_image = per_pair.sum(dim=(1, 2)) / count.clamp(min=1)
-        # Images without a positive view contribute an exact zero and are left out of the mean (no host sync).
-        has_pos = (count > 0).float()
-        return (per_image * has_pos).sum() / has_pos.sum().clamp(min=1)
+            negative = negative.bool()[:, None, :].expand_as(logits)
+            positive = negative.logical_not()
+            # a_t = log(Σneg_t + 1e-4): the negative logits plus one constant column log(1e-4), so never −inf.
+            masked = logits.masked_fill(positive, float("-inf"))
+            eps_column = logits.new_full((*logits.shape[:2], 1), math.log(CTC_EPS))
+            log_neg = torch.logsumexp(torch.cat([masked, eps_column], dim=-1), dim=-1, keepdim=True)  # [B, T, 1]
+            # −log(ℓ / (ℓ + Σneg + 1e-4)) = log(1 + exp(a − z)): no cancellation when the term is tiny.
+            per_pair = torch.logaddexp(torch.zeros_like(logits), log_neg - logits)  # [B, T, V]
+            pos_terms = torch.where(positive, per_pair, torch.zeros_like(per_pair)).sum(dim=(1, 2))  # [B]
+            # −log(1 / (1 + Σneg + 1e-4)) = log(1 + exp(a)), once per teacher row.
+            else_terms = torch.logaddexp(torch.zeros_like(log_neg), log_neg).sum(dim=(1, 2))  # [B]
+            num_pos = positive[:, 0, :].sum(dim=-1).to(dtype)  # |P| per image
+            per_image = (pos_terms + else_terms) / 2 / (num_pos + CTC_EPS)
+            return per_image.mean()
 
     @staticmethod
     def _check(student: torch.Tensor, teacher: torch.Tensor, negative: torch.Tensor) -> None:

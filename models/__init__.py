@@ -48,6 +48,7 @@ def build_model(cfg: Any) -> MSFC:
         pretrained=bool(m.pretrained),
         weights=m.weights,
         freeze_pos_embed=bool(m.freeze_pos_embed),
+        pos_embed_resample=str(m.pos_embed_resample),
         **dict(kwargs),
     )
     num_classes = int(cfg.data.num_classes)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
@@ -24,6 +26,10 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k_ft_in1k"
+
+# How the position embedding is resampled to an input's token grid (SPEC §1.1): the published bicubic
+# F.interpolate without antialiasing, or timm's own dynamic_img_size resampling (antialiased).
+POS_EMBED_RESAMPLE = ("bicubic", "timm")
 
 # Keys of a classification checkpoint that have no counterpart in a head-less (num_classes=0) backbone.
 _HEAD_PREFIXES = ("head.", "head_dist.", "pre_logits.")
@@ -44,11 +50,13 @@ def _check_rgb(images: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected an RGB tensor [..., 3, H, W], got shape {tuple(images.shape)}")
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
+def normalize(images: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
     """ImageNet-normalise RGB images on their own device (SPEC §1.1).
 
     Args:
         images: `[B, 3, H, W]` (or `[3, H, W]`), either uint8 in 0..255 or floating point in [0, 1].
+        check_range: for float input, verify max <= 1 (a host-device synchronisation); the training step passes
+            False for views it built itself in [0, 1].
 
     Returns:
         Float tensor of the same shape, `(x - mean) / std`; float32 for uint8 input, else the input's dtype.
@@ -58,7 +66,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
         images = images.float() / 255.0
     elif not images.is_floating_point():
         raise TypeError(f"normalize(images): expected uint8 or a float tensor in [0, 1], got dtype {images.dtype}")
-    elif images.numel() and float(images.max()) > 1.0 + 1e-3:
+    elif check_range and images.numel() and float(images.max()) > 1.0 + 1e-3:
         # A float image on the 0..255 scale would silently be off by a factor 255; catch it here.
         raise ValueError(
             f"normalize(images): float input must be in [0, 1], got max {float(images.max()):.3g}; "
@@ -101,6 +109,10 @@ class ViTBackbone(nn.Module):
         weights: local `.pth` / `.pt` / `.npz` / `.safetensors` file; when set it is always loaded (an explicit
             file is never ignored) and timm is not asked to download anything.
         freeze_pos_embed: keep the absolute position embedding fixed (`requires_grad=False`, SPEC §1.1).
+        pos_embed_resample: `bicubic` resamples the position embedding to each input's grid with
+            `F.interpolate(mode="bicubic", align_corners=False)` and no antialiasing, as the published ViT does;
+            `timm` keeps timm's `dynamic_img_size` resampling, which antialiases (the 6×6 / 7×7 grids of local crops,
+            quadrants and half-scale CAMs then differ by up to ~25 % RMS).
         **timm_kwargs: `timm.create_model` overrides (embed_dim, depth, num_heads, patch_size, img_size, ...).
 
     Raises:
@@ -116,9 +128,14 @@ class ViTBackbone(nn.Module):
         pretrained: bool = False,
         weights: str | Path | None = None,
         freeze_pos_embed: bool = True,
+        pos_embed_resample: str = "bicubic",
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
+        if pos_embed_resample not in POS_EMBED_RESAMPLE:
+            raise ValueError(
+                f"model.pos_embed_resample must be one of {POS_EMBED_RESAMPLE}, got {pos_embed_resample!r}"
+            )
         for key in ("num_classes", "dynamic_img_size"):
             if key in timm_kwargs:
                 raise ValueError(f"ViTBackbone: timm keyword {key!r} is fixed by the backbone and cannot be overridden")
@@ -135,6 +152,10 @@ class ViTBackbone(nn.Module):
         self.aux_index = aux_layer % depth
         if freeze_pos_embed and self.vit.pos_embed is not None:
             self.vit.pos_embed.requires_grad_(False)
+        self.pos_embed_resample = pos_embed_resample
+        if pos_embed_resample == "bicubic" and self.vit.pos_embed is not None:
+            # timm's forward_intermediates calls vit._pos_embed; this instance uses the published resampling instead.
+            self.vit._pos_embed = types.MethodType(_pos_embed_bicubic, self.vit)
 
     def _check_architecture(self) -> None:
         vit = self.vit
@@ -173,7 +194,7 @@ class ViTBackbone(nn.Module):
 
         Returns:
             `BackboneOutput` with `cls_token [B, D]`, `tokens [B, D, h, w]`, `tokens_aux [B, D, h, w]`,
-            h = H / p, w = W / p. The position embedding is resampled to (h, w) by timm (dynamic_img_size).
+            h = H / p, w = W / p. The position embedding is resampled to (h, w) as `pos_embed_resample` says.
         """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"ViTBackbone: expected x [B, 3, H, W], got shape {tuple(x.shape)}")
@@ -190,6 +211,49 @@ class ViTBackbone(nn.Module):
         cls_token = final[:, 0]
         tokens = final[:, n_prefix:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
         return BackboneOutput(cls_token=cls_token, tokens=tokens, tokens_aux=aux)
+
+
+def resample_grid_bicubic(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Published position-embedding resampling: bicubic, `align_corners=False`, no antialiasing.
+
+    Args:
+        grid: `[1, gh, gw, D]` position embedding of the patch grid (prefix tokens removed).
+        size: target grid `(h, w)`.
+
+    Returns:
+        `[1, h·w, D]` in the dtype of `grid` (interpolated in float32); `grid` itself, flattened, when the size is
+        unchanged (bicubic at scale 1 is the identity).
+    """
+    _, gh, gw, dim = grid.shape
+    if (gh, gw) != tuple(size):
+        chw = grid.permute(0, 3, 1, 2).float()
+        resized = F.interpolate(chw, size=tuple(size), mode="bicubic", align_corners=False)
+        grid = resized.permute(0, 2, 3, 1).to(grid.dtype)
+    return grid.reshape(1, -1, dim)
+
+
+def _pos_embed_bicubic(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Replacement for timm's `VisionTransformer._pos_embed` (dynamic_img_size) with the published resampling.
+
+    Args:
+        vit: the timm ViT (bound as `self`).
+        x: `[B, h, w, D]` patch embeddings (timm's NHWC layout under dynamic_img_size).
+
+    Returns:
+        `[B, prefix + h·w, D]`: prefix tokens and patch tokens with the position embedding added, as timm's own.
+    """
+    batch, h, w, dim = x.shape
+    prefix = [token.expand(batch, -1, -1) for token in (vit.cls_token, vit.reg_token) if token is not None]
+    pos = vit.pos_embed
+    num_pos_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    gh, gw = vit.patch_embed.grid_size
+    grid = resample_grid_bicubic(pos[:, num_pos_prefix:].reshape(1, gh, gw, dim), (h, w))
+    x = x.reshape(batch, h * w, dim)
+    if vit.no_embed_class:  # the position embedding covers the patch tokens only
+        x = torch.cat([*prefix, x + grid], dim=1)
+    else:
+        x = torch.cat([*prefix, x], dim=1) + torch.cat([pos[:, :num_pos_prefix], grid], dim=1)
+    return vit.pos_drop(x)
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:

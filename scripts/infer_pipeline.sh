@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Inference and evaluation of a trained run, every stage sharded over NGPUS processes (scripts/launch.sh) and
-# resumable: CAMs -> their mIoU with a background-threshold sweep -> pseudo labels -> their mIoU -> segmentation
-# with DenseCRF -> seg and seg_crf mIoU. Dataset settings come from the run's config.yaml; results go to RUN/eval/.
+# Inference and evaluation of a trained run by the protocol of SPEC §8, every stage sharded over NGPUS processes
+# (scripts/launch.sh) and resumable. On eval.cam_split (VOC train; COCO val): CAMs -> CAM and aux-CAM mIoU at
+# cam.bkg_thre, with the threshold sweep (GT-tuned threshold, oracle — not a protocol number) -> pseudo labels ->
+# their mIoU. On eval.split (null = data.val_split): segmentation with DenseCRF -> seg and seg_crf mIoU. Last, the
+# protocol table (tools/report.py, also in RUN/results/). Dataset settings come from the run's config.yaml.
 # Usage: NGPUS=2 scripts/infer_pipeline.sh RUN_DIR [key=value ...]    (each key=value reaches every stage)
+#   eval.split=S moves the segmentation stages only and eval.cam_split=S the CAM and pseudo-label stages (the CAM
+#   stages are given eval.split=<cam split>); eval.checkpoint=last (the final checkpoint) | best_cam | best_seg | PATH.
 set -euo pipefail
 if [[ $# -lt 1 || "$1" == *=* ]]; then
     echo "usage: NGPUS=N $0 RUN_DIR [key=value ...]" >&2
@@ -15,12 +19,18 @@ if [[ ! -f "${run}/config.yaml" ]]; then
     exit 2
 fi
 launch="$(dirname "$0")/launch.sh"
-run_args=(--run-dir "${run}")
-"${launch}" tools.make_cam "${run_args[@]}" "$@"
-"${launch}" tools.evaluate --source cams --sweep "${run_args[@]}" "$@"
-"${launch}" tools.evaluate --source cams --cam-key cam_aux "${run_args[@]}" "$@"
-"${launch}" tools.make_pseudo_labels "${run_args[@]}" "$@"
-"${launch}" tools.evaluate --source pseudo_labels "${run_args[@]}" "$@"
-"${launch}" tools.infer_seg "${run_args[@]}" eval.crf=true "$@"
-"${launch}" tools.evaluate --source seg "${run_args[@]}" "$@"
-"${launch}" tools.evaluate --source seg_crf "${run_args[@]}" "$@"
+splits="$(python -m tools.report --print-splits --run-dir "${run}" "$@")"
+read -r cam_split seg_split <<<"${splits}"
+echo "protocol (SPEC §8): CAMs and pseudo labels scored on ${cam_split}, segmentation on ${seg_split}"
+cam=(--run-dir "${run}" "$@" "eval.split=${cam_split}")
+"${launch}" tools.make_cam "${cam[@]}"
+echo "CAM threshold sweep on ${cam_split}: GT-tuned threshold, oracle — not a protocol number"
+"${launch}" tools.evaluate --source cams --sweep "${cam[@]}"
+"${launch}" tools.evaluate --source cams --cam-key cam_aux "${cam[@]}"
+"${launch}" tools.make_pseudo_labels "${cam[@]}"
+"${launch}" tools.evaluate --source pseudo_labels "${cam[@]}"
+seg=(--run-dir "${run}" "$@" "eval.split=${seg_split}")
+"${launch}" tools.infer_seg --run-dir "${run}" eval.crf=true "$@" "eval.split=${seg_split}"
+"${launch}" tools.evaluate --source seg "${seg[@]}"
+"${launch}" tools.evaluate --source seg_crf "${seg[@]}"
+python -m tools.report --run-dir "${run}" "$@"

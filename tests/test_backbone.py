@@ -91,6 +91,56 @@ def test_tokens_match_manual_pass_and_aux_is_pre_norm_block_output():
     assert not torch.allclose(out.tokens_aux, normed_aux, atol=1e-3)
 
 
+def _published_pos_embed(vit: torch.nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """Reference for SPEC §1.1: the patch part of pos_embed through F.interpolate(bicubic, align_corners=False)."""
+    gh, gw = vit.patch_embed.grid_size
+    patch = vit.pos_embed.detach()[:, 1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+    out = torch.nn.functional.interpolate(patch, size=grid, mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+
+
+@pytest.mark.parametrize("grid", [(3, 3), (6, 6), (7, 5), (8, 8), (12, 16)])
+def test_pos_embed_resampled_as_published_bicubic_without_antialias(grid):
+    bb = tiny_backbone()  # 8x8 native grid
+    assert bb.pos_embed_resample == "bicubic"
+    vit = bb.vit
+    with torch.no_grad():
+        vit.pos_embed.normal_()  # a non-smooth embedding makes kernel differences visible
+        zeros = torch.zeros(2, *grid, TINY["embed_dim"])
+        seq = vit._pos_embed(zeros)  # patch embeddings 0 -> the sequence is the (resampled) position embedding
+    torch.testing.assert_close(seq[:, 1:], _published_pos_embed(vit, grid).expand(2, -1, -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(seq[:, 0], (vit.cls_token + vit.pos_embed[:, :1])[:, 0].expand(2, -1))
+
+
+def test_pos_embed_timm_option_keeps_timms_antialiased_resampling():
+    published, timm_style = tiny_backbone(), tiny_backbone(pos_embed_resample="timm")
+    timm_style.load_state_dict(published.state_dict())
+    with torch.no_grad():
+        for bb in (published, timm_style):
+            bb.vit.pos_embed.copy_(torch.randn_like(bb.vit.pos_embed, generator=torch.Generator().manual_seed(1)))
+        zeros = torch.zeros(1, 3, 3, TINY["embed_dim"])
+        expected = resample_abs_pos_embed(timm_style.vit.pos_embed, new_size=[3, 3], old_size=[8, 8])
+        torch.testing.assert_close(timm_style.vit._pos_embed(zeros), expected)
+        # Downsampling is where antialiasing matters: the two kernels differ clearly on a 3x3 grid.
+        diff = (published.vit._pos_embed(zeros) - expected)[:, 1:]
+        assert diff.norm() / expected[:, 1:].norm() > 0.05
+        # At the native grid both are the identity, so the backbones agree exactly.
+        x = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(published(x).tokens, timm_style(x).tokens, rtol=0, atol=0)
+
+
+def test_pos_embed_resample_survives_deepcopy_and_rejects_unknown_kernel():
+    import copy
+
+    bb = tiny_backbone()
+    twin = copy.deepcopy(bb)
+    assert twin.vit._pos_embed.__self__ is twin.vit  # bound to the copy, not to the original
+    x = torch.randn(1, 3, 48, 40)
+    torch.testing.assert_close(twin(x).tokens, bb(x).tokens, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pos_embed_resample"):
+        tiny_backbone(pos_embed_resample="bilinear")
+
+
 def test_pos_embed_frozen_by_default_and_trainable_on_request():
     assert tiny_backbone().vit.pos_embed.requires_grad is False
     assert tiny_backbone(freeze_pos_embed=False).vit.pos_embed.requires_grad is True
@@ -169,7 +219,9 @@ def vit_b_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("filename", ["vitb.pth", "vitb.safetensors"])
 def test_vit_b_local_file_reproduces_timm_features(vit_b_files: dict, filename: str):
-    bb = ViTBackbone("vit_base_patch16_224", weights=vit_b_files["folder"] / filename).eval()
+    # timm's own resampling, so that the features must equal timm's forward bit for bit (2x3 grid from 14x14).
+    path = vit_b_files["folder"] / filename
+    bb = ViTBackbone("vit_base_patch16_224", weights=path, pos_embed_resample="timm").eval()
     with torch.no_grad():
         out = bb(vit_b_files["x"])
     seq = vit_b_files["seq"]  # [1, 1 + 2*3, 768]
@@ -245,7 +297,7 @@ def test_npz_google_format_reproduces_features(tmp_path: Path):
     src = timm.create_model(TINY_NAME, pretrained=False, num_classes=0, dynamic_img_size=True, **TINY).eval()
     path = tmp_path / "tiny.npz"
     to_google_npz(src, path)
-    bb = ViTBackbone(TINY_NAME, weights=path, **TINY).eval()
+    bb = ViTBackbone(TINY_NAME, weights=path, pos_embed_resample="timm", **TINY).eval()  # compared with timm's forward
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         seq = src.forward_features(x)

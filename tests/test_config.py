@@ -42,6 +42,30 @@ def test_dataset_file_overrides_only_what_differs():
     assert voc.loss.start_iter.seg == 2000 and voc.loss.start_iter.ptc == 0
 
 
+@pytest.mark.parametrize("dataset", ["voc", "coco"])
+def test_toco_baseline_is_msfc_without_smcm_and_mp2m(dataset):
+    msfc = OmegaConf.to_container(load_config(f"configs/{dataset}.yaml", REQUIRED))
+    toco = OmegaConf.to_container(load_config(f"configs/toco_{dataset}.yaml", REQUIRED))
+    assert (toco["loss"]["weight"]["smc"], toco["loss"]["weight"]["mem"]) == (0.0, 0.0)
+    assert msfc["loss"]["weight"]["smc"] > 0 and msfc["loss"]["weight"]["mem"] > 0
+    toco["loss"]["weight"].update(smc=msfc["loss"]["weight"]["smc"], mem=msfc["loss"]["weight"]["mem"])
+    assert toco == msfc  # nothing else differs: same recipe, same protocol
+
+
+def test_published_defaults_of_the_fidelity_keys():
+    """SPEC §1.1, §3, §4.3, §4.4, §4.6, §5.2, §8: the defaults compute what the published code computes."""
+    voc = load_config("configs/voc.yaml", REQUIRED)
+    assert voc.model.pos_embed_resample == "bicubic" and voc.views.main == "g1" and voc.cam.precision == "fp32"
+    assert voc.loss.ctc_normalize is False and voc.loss.smc_reduction == "all_terms"
+    assert (voc.loss.reg_mode, voc.loss.reg_sigma_xy, voc.loss.reg_sigma_rgb) == ("dense", 50.0, 15.0)
+    assert voc.loss.reg_inner_weight == pytest.approx(1e-7)
+    assert (voc.eval.checkpoint, voc.eval.cam_split) == ("last", "train")
+    assert (voc.eval.resize, voc.eval.flip_fusion, voc.eval.scale_fusion) == (None, "sum", "max")
+    coco = load_config("configs/coco.yaml", REQUIRED)
+    assert (coco.eval.resize, coco.eval.resize_mode) == (448, "square")
+    assert (coco.eval.flip_fusion, coco.eval.scale_fusion, coco.eval.cam_split) == ("max", "sum", "val")
+
+
 def test_base_chain_is_followed(tmp_path):
     (tmp_path / "parent.yaml").write_text("train: {max_iters: 11, lr: 1.0e-3}\n")
     (tmp_path / "child.yaml").write_text("_base_: parent.yaml\ntrain: {max_iters: 22}\n")

@@ -350,18 +350,32 @@ def test_bad_config_values_name_their_key(voc_root: Path, tmp_path: Path) -> Non
 # ------------------------------------------------------------------------------------------------------------ COCO
 
 
-def write_coco_tree(root: Path) -> dict[str, dict[str, list[int]]]:
-    """A hand-made COCO-layout tree: 3 train and 2 val images with masks, one val image without a mask.
+# Classes in the label files (as tools/prepare_coco.py writes them from the JSON) but in no mask: a crowd-only person
+# (label 1) in one val image, a too-small-to-rasterise "dining table" (label 61) in one train image.
+COCO_LABEL_ONLY = {"COCO_val2014_000000000005": [1], "COCO_train2014_000000000003": [61]}
 
-    Returns split -> {id: foreground classes} (the known answer).
+
+def write_coco_tree(root: Path) -> dict[str, dict[str, list[int]]]:
+    """A hand-made COCO-layout tree: 3 train and 2 val images with masks and label files, one val image without a mask.
+
+    Returns split -> {id: foreground classes of the label file} (the known answer): the mask classes plus
+    ``COCO_LABEL_ONLY``, which no mask shows.
     """
     rng = np.random.default_rng(0)
-    contents = {
+    masks = {
         "train": {"COCO_train2014_000000000001": [1], "COCO_train2014_000000000002": [3, 80],
                   "COCO_train2014_000000000003": [17]},
         "val": {"COCO_val2014_000000000004": [2, 5], "COCO_val2014_000000000005": [60]},
     }  # fmt: skip
-    for split, images in contents.items():
+    contents = {
+        split: {name: sorted(classes + COCO_LABEL_ONLY.get(name, [])) for name, classes in images.items()}
+        for split, images in masks.items()
+    }
+    for split, labels in contents.items():
+        label_file = root / "ImageSets" / f"labels_{split}2014.json"
+        label_file.parent.mkdir(parents=True, exist_ok=True)
+        label_file.write_text(json.dumps({"labels": labels}))
+    for split, images in masks.items():
         for index, (name, classes) in enumerate(images.items()):
             height, width = 30 + 4 * index, 40
             pixels = rng.integers(1, 256, (height, width, 3), dtype=np.uint8)
@@ -394,20 +408,102 @@ def test_coco_layout_derives_lists_and_labels(tmp_path: Path) -> None:
     assert train[0]["img"].shape == (3, CROP, CROP) and train.labels.shape == (3, 80)
 
 
-def test_synthetic_coco_labels_equal_mask_classes(coco_root: Path, tmp_path: Path) -> None:
+def json_labels(json_path: Path, num_fg: int) -> dict[str, np.ndarray]:
+    """Expected multi-hot labels from an instances JSON, independently of the code under test: every annotated
+    category (crowd included), mapped by name to its index in COCO_CLASSES."""
+    from datasets.classes import COCO_CLASSES
+
+    document = json.loads(json_path.read_text())
+    names = {cat["id"]: cat["name"] for cat in document["categories"]}
+    stems = {image["id"]: Path(image["file_name"]).stem for image in document["images"]}
+    labels: dict[str, np.ndarray] = {}
+    for ann in document["annotations"]:
+        label = labels.setdefault(stems[ann["image_id"]], np.zeros(num_fg, dtype=np.float32))
+        label[COCO_CLASSES.index(names[ann["category_id"]]) - 1] = 1.0
+    return labels
+
+
+def test_synthetic_coco_labels_come_from_the_json(coco_root: Path, tmp_path: Path) -> None:
     for split, folder in (("train", "train2014"), ("val_part", "val2014")):
         ds = build_dataset(make_cfg(coco_root, tmp_path, name="coco"), split, "eval")
         assert ds.ids == (coco_root / "ImageSets" / f"{split}.txt").read_text().split()
+        expected = json_labels(coco_root / "annotations" / f"instances_{folder}.json", 80)
+        np.testing.assert_array_equal(ds.labels, np.stack([expected[name] for name in ds.ids]))
+        # Every class a mask shows is in the label (the label may hold more: crowd-only or tiny classes).
         masks = [coco_root / "SegmentationClass" / folder / f"{name}.png" for name in ds.ids]
-        np.testing.assert_array_equal(ds.labels, np.stack([mask_label(path, 80) for path in masks]))
+        from_masks = np.stack([mask_label(path, 80) for path in masks])
+        assert (from_masks <= ds.labels).all()
+        if split == "train":  # seed 0 has crowd-only classes in train: labels from masks would have lost them
+            assert (from_masks < ds.labels).any()
         item = ds[0]
         assert item["img"].shape[1:] == item["mask"].shape
+
+
+def test_coco_labels_come_from_the_label_file_not_the_masks(tmp_path: Path) -> None:
+    root = tmp_path / "MSCOCO"
+    write_coco_tree(root)
+    train = build_dataset(make_cfg(root, tmp_path / "run", name="coco"), "train", "train")
+    row = train.ids.index("COCO_train2014_000000000003")
+    assert (np.flatnonzero(train.labels[row]) + 1).tolist() == [17, 61]  # 61 is in no mask
+    # val_part reads val2014's label file: the crowd-only person of image 5 is in its label, 255 (not 1) in its mask.
+    val_part = build_dataset(make_cfg(root, tmp_path / "run", name="coco"), "val_part", "eval")
+    row = val_part.ids.index("COCO_val2014_000000000005")
+    assert (np.flatnonzero(val_part.labels[row]) + 1).tolist() == [1, 60]
+    mask = val_part[row]["mask"]
+    assert (mask == 255).any() and not (mask == 1).any()
+
+
+def test_coco_without_label_file_points_to_prepare_coco(tmp_path: Path) -> None:
+    root = tmp_path / "MSCOCO"
+    write_coco_tree(root)
+    label_file = root / "ImageSets" / "labels_train2014.json"
+    label_file.unlink()  # a tree prepared before image labels came from the JSON
+    for mode in ("train", "eval"):
+        expect_error(lambda mode=mode: build_dataset(make_cfg(root, tmp_path / "run", name="coco"), "train", mode),
+                     FileNotFoundError, str(label_file), f"python -m tools.prepare_coco {root.resolve()}")  # fmt: skip
+    # The val file still exists, so val and val_part are unaffected.
+    assert len(build_dataset(make_cfg(root, tmp_path / "run", name="coco"), "val_part", "eval")) == 2
+    label_file.write_text("{not json")
+    expect_error(lambda: build_dataset(make_cfg(root, tmp_path / "run", name="coco"), "train", "train"),
+                 ValueError, str(label_file), "tools.prepare_coco")  # fmt: skip
+    label_file.write_text(json.dumps({"labels": {"COCO_train2014_000000000001": [81]}}))
+    expect_error(lambda: build_dataset(make_cfg(root, tmp_path / "run", name="coco"), "train", "train"),
+                 ValueError, "[81]", "data.num_classes = 81")  # fmt: skip
+
+
+def test_coco_training_id_without_label_entry_is_an_error(tmp_path: Path) -> None:
+    root = tmp_path / "MSCOCO"
+    write_coco_tree(root)
+    label_file = root / "ImageSets" / "labels_train2014.json"
+    labels = json.loads(label_file.read_text())["labels"]
+    del labels["COCO_train2014_000000000002"]
+    label_file.write_text(json.dumps({"labels": labels}))
+    expect_error(lambda: build_dataset(make_cfg(root, tmp_path / "run", name="coco"), "train", "train"),
+                 FileNotFoundError, "COCO_train2014_000000000002", str(label_file))  # fmt: skip
+
+
+def test_coco_labels_are_never_taken_from_a_stale_cache(tmp_path: Path) -> None:
+    root = tmp_path / "MSCOCO"
+    contents = write_coco_tree(root)
+    cfg = make_cfg(root, tmp_path / "run", name="coco")
+    cache_file = tmp_path / "run" / "cache" / "coco_val.json"
+    first = build_dataset(cfg, "val", "eval")
+    cached = json.loads(cache_file.read_text())
+    assert cached["ids"] == first.ids and cached["labels"] == {}  # ids are cached, file labels are not
+    assert cached["key"]["labels"] == str(root.resolve() / "ImageSets" / "labels_val2014.json")
+    # Mask-derived labels, as a cache written before the label file existed holds them (its key has no "labels"),
+    # and the same bogus labels under the current key: neither may shadow the file.
+    stale = {name: [7] for name in first.ids}
+    old_key = {k: v for k, v in cached["key"].items() if k != "labels"}
+    for key in (old_key, cached["key"]):
+        cache_file.write_text(json.dumps({"key": key, "ids": first.ids, "labels": stale}))
+        ds = build_dataset(cfg, "val", "eval")
+        assert [(np.flatnonzero(row) + 1).tolist() for row in ds.labels] == [contents["val"][i] for i in ds.ids]
 
 
 def test_coco_list_file_and_unknown_split(tmp_path: Path) -> None:
     root = tmp_path / "MSCOCO"
     write_coco_tree(root)
-    (root / "ImageSets").mkdir()
     (root / "ImageSets" / "train.txt").write_text("COCO_train2014_000000000002\n")
     cfg = make_cfg(root, tmp_path / "run", name="coco")
     assert build_dataset(cfg, "train", "train").ids == ["COCO_train2014_000000000002"]

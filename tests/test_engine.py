@@ -8,7 +8,7 @@ import torch
 from losses import TERMS
 from models import build_model
 from utils.config import load_config
-from utils.engine import TrainStep, forward_grouped, heads_in_use
+from utils.engine import TrainStep, forward_grouped, heads_in_use, label_cam_precision
 
 CROP = 64
 
@@ -109,3 +109,58 @@ def test_curriculum_phases_follow_start_iterations():
     assert heads_in_use(cfg, 0) == {"decoder": False, "proj_head": False}  # ToCo: classification only
     assert heads_in_use(cfg, 8000) == {"decoder": True, "proj_head": False}  # + seg / reg
     assert heads_in_use(cfg, 12000) == {"decoder": True, "proj_head": True}  # + contrast terms
+
+
+def _crop_size_batch_sizes(cfg, batch) -> list[int]:
+    """Batch sizes of the forwards at the crop size during one step (main and every same-size view share one)."""
+    model = _model_with_bank(cfg)
+    sizes = []
+    model.register_forward_hook(lambda module, args, output: sizes.append(tuple(args[0].shape)))
+    TrainStep(cfg, torch.device("cpu"))(model, batch, step=0, generator=torch.Generator().manual_seed(0))
+    with_grad = [s for s in sizes if s[-1] == CROP]
+    return [s[0] for s in with_grad]
+
+
+def test_main_view_is_g1_encoded_once_by_default():
+    """SPEC §3: main = G1, so the crop-size forward holds main + SMCM rotation + G2, not a separate G1 copy."""
+    b = 2
+    g1_sizes = _crop_size_batch_sizes(_cfg(), _batch(b))
+    clean_sizes = _crop_size_batch_sizes(_cfg("views.main=clean"), _batch(b))
+    # the multi-scale CAMs at scale 1.0 run main + its flip (2B); then the gradient forward of the same-size views
+    assert g1_sizes[-1] == 3 * b and clean_sizes[-1] == 4 * b
+
+
+def test_main_g1_flip_mirrors_img_box():
+    """With G1 = a flip and nothing else, the step equals the clean-main step on the flipped crop and mirrored box.
+
+    Every box-dependent part (token and pair labels, SMCM validity, memory prototypes, online seg labels, energy ROI)
+    must follow the flip for this to hold; the box covers only the left 40 pixels, so a box left unflipped would not.
+    CTC is off: it is the one term whose views (G1 as its first global view) differ between the two modes.
+    """
+    pure_flip = [f"views.g1.{k}=0.0" for k in ("jitter_p", "gray_p", "blur_p", "solarize_p")]
+    cfg_g1 = _cfg("views.g1.flip_p=1.0", *pure_flip, "loss.weight.ctc=0.0")
+    cfg_clean = _cfg("views.main=clean", "loss.weight.ctc=0.0")
+    batch = _batch(2, box=(8, 56, 0, 40))
+    flipped = {**batch, "img": batch["img"].flip(-1), "img_box": torch.tensor([[8, 56, CROP - 40, CROP]] * 2)}
+    totals = []
+    for cfg, data in ((cfg_g1, batch), (cfg_clean, flipped)):
+        model = _model_with_bank(cfg)
+        total, logs = TrainStep(cfg, torch.device("cpu"))(model, data, step=0, generator=torch.Generator())
+        totals.append((total.item(), logs))
+    assert totals[0][0] == pytest.approx(totals[1][0], rel=1e-5, abs=1e-6)
+    for key, value in totals[1][1].items():
+        assert totals[0][1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # and the mirrored box matters: the clean step on the flipped crop with the original box gives another loss
+    wrong = {**flipped, "img_box": batch["img_box"]}
+    model = _model_with_bank(cfg_clean)
+    total_wrong, _ = TrainStep(cfg_clean, torch.device("cpu"))(model, wrong, step=0, generator=torch.Generator())
+    assert abs(total_wrong.item() - totals[1][0]) > 1e-4
+
+
+def test_label_cams_are_fp32_unless_asked():
+    assert label_cam_precision("fp32", "bf16") == "fp32"
+    assert label_cam_precision("train", "bf16") == "bf16"
+    with pytest.raises(ValueError, match="cam.precision"):
+        label_cam_precision("fp16", "bf16")
+    with pytest.raises(ValueError, match="views.main"):
+        TrainStep(_cfg("views.main=g2"), torch.device("cpu"))

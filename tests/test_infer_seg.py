@@ -129,6 +129,31 @@ def test_resuming_with_other_settings_is_refused(trained, tmp_path):
         _infer(run, "data.max_images=1", "eval.scales=[1.0]")
 
 
+def test_square_resize_is_applied_recorded_and_checked(trained, tmp_path):
+    run = _copy_run(trained, tmp_path / "run")
+    square = ("data.max_images=1", "eval.resize=48", "eval.resize_mode=square")  # the COCO protocol, SPEC §5.2
+    _infer(run, *square)
+    settings = json.loads((run / "seg" / "val" / "settings.json").read_text())
+    assert (settings["resize"], settings["resize_mode"]) == (48, "square")
+    cfg = _config(run, *square)
+    item = build_dataset(cfg, "val", "eval")[0]
+    assert item["img"].shape[1] != item["img"].shape[2]  # a non-square image, so square differs from long_side
+    ev = cfg.eval
+    logits = predict_seg_logits(load_trained_model(cfg, torch.device("cpu")), item["img"][None], tuple(ev.scales),
+                                bool(ev.flip), str(ev.flip_fusion), str(ev.scale_fusion), 48,
+                                resize_mode="square")[0]  # fmt: skip
+    prediction = read_label_png(run / "seg" / "val" / f"{item['name']}.png")
+    assert prediction.shape == tuple(item["img"].shape[1:])  # upsampled back to the original size
+    assert np.array_equal(prediction, logits.argmax(0).numpy().astype(np.uint8))
+    with pytest.raises(ValueError, match=r"resize_mode: 'square' -> 'long_side'"):
+        _infer(run, "data.max_images=1", "eval.resize=48", "eval.resize_mode=long_side")
+    # A typo is refused before settings.json could record it (which would block the corrected run).
+    other = _copy_run(trained, tmp_path / "other")
+    with pytest.raises(ValueError, match=r"eval\.resize_mode must be one of \('long_side', 'square'\)"):
+        _infer(other, "data.max_images=1", "eval.resize=48", "eval.resize_mode=sqaure")
+    assert not (other / "seg" / "val" / "settings.json").exists()
+
+
 def _env() -> dict[str, str]:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # torchrun of this interpreter
     return {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -156,10 +181,13 @@ def test_infer_run_voc_pipeline_end_to_end(trained, tmp_path):
     result = subprocess.run(["bash", "infer_run_VOC.sh", str(run), *overrides], cwd=REPO, env={**_env(), "NGPUS": "1"},
                             capture_output=True, text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    count = len(build_dataset(_config(run), "val", "eval"))
-    for folder, suffix in (("cams", ".npz"), ("pseudo_labels", ".png"), ("seg", ".png"), ("seg_crf", ".png")):
-        assert len(list((run / folder / "val").glob(f"*{suffix}"))) == count, folder
-    for name in ("cams_val_sweep", "pseudo_labels_val", "seg_val", "seg_crf_val"):
+    # SPEC §8: CAMs and pseudo labels on eval.cam_split (VOC train), segmentation on val
+    count = {split: len(build_dataset(_config(run), split, "eval")) for split in ("train", "val")}
+    for folder, suffix, split in (("cams", ".npz", "train"), ("pseudo_labels", ".png", "train"),
+                                  ("seg", ".png", "val"), ("seg_crf", ".png", "val")):  # fmt: skip
+        assert len(list((run / folder / split).glob(f"*{suffix}"))) == count[split], folder
+    for name in ("cams_train_sweep", "pseudo_labels_train", "seg_val", "seg_crf_val"):
         miou = json.loads((run / "eval" / f"{name}.json").read_text())["miou"]
         assert isinstance(miou, float) and 0.0 <= miou <= 1.0, name
-    assert (run / "eval" / "cams_val_sweep.png").is_file()
+    assert (run / "eval" / "cams_train_sweep.png").is_file()
+    assert "| segmentation head + DenseCRF | val |" in result.stdout  # the protocol table closes the pipeline

@@ -81,85 +81,140 @@ def test_ptc_shape_error() -> None:
         PatchTokenContrast()(torch.zeros(1, 2, 2, 2), torch.zeros(1, 3, 3, dtype=torch.uint8))
 
 
-def ctc_direct(student: torch.Tensor, teacher: torch.Tensor, negative: torch.Tensor, temp: float) -> torch.Tensor:
-    """The SPEC §4.3 formula written literally with exp, in float64, averaged per image then over images."""
-    s = torch.nn.functional.normalize(student.double(), dim=-1)
-    t = torch.nn.functional.normalize(teacher.double(), dim=-1)
-    per_image = []
-    for b in range(s.shape[0]):
-        ell = torch.exp(t[b] @ s[b].T / temp)  # [T, V]
-        terms = []
-        for row in range(ell.shape[0]):
-            sum_neg = ell[row][negative[b]].sum()
-            for j in range(ell.shape[1]):
-                if not negative[b, j]:
-                    terms.append(-torch.log(ell[row, j] / (ell[row, j] + sum_neg + 1e-4)))
-        per_image.append(torch.stack(terms).mean())
-    return torch.stack(per_image).mean()
+def ctc_formula(student: torch.Tensor, teacher: torch.Tensor, negative: torch.Tensor, temp: float) -> float:
+    """SPEC §4.3 written literally in plain Python floats (float64) with math.exp: loops over images, teacher rows
+    and views, the `else` term once per row, `/ 2 / (|P| + 1e-4)` per image, then the mean over all images."""
+    s, t, neg = student.tolist(), teacher.tolist(), negative.tolist()
+    total = 0.0
+    for b in range(len(s)):
+        positives = [j for j in range(len(s[b])) if not neg[b][j]]
+        loss = 0.0
+        for row in t[b]:
+            ell = [math.exp(sum(x * y for x, y in zip(row, view, strict=True)) / temp) for view in s[b]]
+            sum_neg = sum(e for e, is_neg in zip(ell, neg[b], strict=True) if is_neg)
+            for j in positives:
+                loss += -math.log(ell[j] / (ell[j] + sum_neg + 1e-4))
+            loss += -math.log(1 / (1 + sum_neg + 1e-4))
+        total += loss / 2 / (len(positives) + 1e-4)
+    return total / len(s)
 
 
-def test_ctc_known_answer_one_positive_one_negative() -> None:
-    # Teacher t = e1; student s0 = 5·e1 (positive, normalised to e1), s1 = e2 (negative); T = 1.
-    # z0 = 1, z1 = 0 → L = −log(e / (e + 1 + 1e-4)) = log(1 + (1 + 1e-4)/e).
-    student = torch.tensor([[[5.0, 0.0], [0.0, 1.0]]])
-    teacher = torch.tensor([[[1.0, 0.0]]])
-    negative = torch.tensor([[False, True]])
+def nll(z: float, sum_neg: float) -> float:
+    """−log(e^z / (e^z + Σneg + 1e-4)), one positive term."""
+    return -math.log(math.exp(z) / (math.exp(z) + sum_neg + 1e-4))
+
+
+def hand_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """2 teacher rows × 4 student views, raw logits, T = 1, and the SPEC §4.3 value derived by hand.
+
+    t1 = (1, 0), t2 = (0, 2); s0 = (1, 0), s1 = (0, 1), s3 = (−1, 0) positive, s2 = (1, 1) negative.
+    z[t1] = (1, 0, 1, −1) → Σneg_1 = e;  z[t2] = (0, 2, 2, 0) → Σneg_2 = e².
+    L = ( Σ_{z ∈ (1, 0, −1)} nll(z, e) + log(1 + e + 1e-4) + Σ_{z ∈ (0, 2, 0)} nll(z, e²) + log(1 + e² + 1e-4) )
+        / 2 / (3 + 1e-4).
+    """
+    student = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]])
+    teacher = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    negative = torch.tensor([[False, False, True, False]])
+    e, e2 = math.e, math.e**2
+    row1 = nll(1, e) + nll(0, e) + nll(-1, e) + math.log(1 + e + 1e-4)
+    row2 = nll(0, e2) + nll(2, e2) + nll(0, e2) + math.log(1 + e2 + 1e-4)
+    return student, teacher, negative, (row1 + row2) / 2 / (3 + 1e-4)
+
+
+def test_ctc_known_answer_two_teachers_four_students() -> None:
+    student, teacher, negative, expected = hand_case()
     loss = ClassTokenContrast(temperature=1.0)(student, teacher, negative)
-    assert loss.item() == pytest.approx(math.log(1 + (1 + 1e-4) / math.e), rel=1e-6)
-
-
-def test_ctc_known_answer_two_teacher_rows() -> None:
-    # Add teacher row e2: z = (0, 1) → −log(1 / (1 + e + 1e-4)) = log(1 + e + 1e-4); mean over the two rows.
-    student = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    teacher = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])
-    negative = torch.tensor([[False, True]])
-    loss = ClassTokenContrast(temperature=1.0)(student, teacher, negative)
-    expected = (math.log(1 + (1 + 1e-4) / math.e) + math.log(1 + math.e + 1e-4)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert ctc_formula(student, teacher, negative, 1.0) == pytest.approx(expected, rel=1e-12)
+    # T = 0.5 doubles every logit; the plain-Python formula gives the expected value.
+    half = ClassTokenContrast(temperature=0.5)(student, teacher, negative)
+    assert half.item() == pytest.approx(ctc_formula(student, teacher, negative, 0.5), rel=1e-6)
 
 
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 0.01])
-def test_ctc_log_space_equals_direct_formula(temperature: float) -> None:
-    # T = 0.01 makes logits up to 100: exp overflows float32 (max ≈ 3.4e38 < e^100) but not the float64 reference.
+def test_ctc_all_negative_image_counts_in_the_mean() -> None:
+    # Image 1 (same teacher rows) has views (1, 0), (0, 1), (0, 0), (0, 0), all negative: only the `else` terms
+    # remain, over |P| + 1e-4 = 1e-4. z[t1] = (1, 0, 0, 0) → Σneg_1 = e + 3; z[t2] = (0, 2, 0, 0) → Σneg_2 = e² + 3.
+    # L_1 = (log(1 + e + 3 + 1e-4) + log(1 + e² + 3 + 1e-4)) / 2 / 1e-4, and L = (L_0 + L_1) / 2.
+    student, teacher, negative, first = hand_case()
+    image_1 = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])
+    student = torch.cat([student, image_1]).requires_grad_(True)
+    teacher = teacher.repeat(2, 1, 1)
+    negative = torch.cat([negative, torch.ones(1, 4, dtype=torch.bool)])
+    e = math.e
+    second = (math.log(1 + e + 3 + 1e-4) + math.log(1 + e**2 + 3 + 1e-4)) / 2 / 1e-4
+    loss = ClassTokenContrast(temperature=1.0)(student, teacher, negative)
+    loss.backward()
+    assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
+    assert loss.item() == pytest.approx(ctc_formula(student.detach(), teacher, negative, 1.0), rel=1e-6)
+    # The `else` terms push the negatives of image 1 away from the teacher: a finite, non-zero gradient.
+    assert torch.isfinite(student.grad).all() and student.grad[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 0.1])
+def test_ctc_matches_formula_on_random_inputs(temperature: float) -> None:
     gen = torch.Generator().manual_seed(0)
-    student = torch.randn(3, 6, 8, generator=gen)
-    teacher = torch.randn(3, 2, 8, generator=gen)
-    negative = torch.rand(3, 6, generator=gen) > 0.5
+    student = torch.randn(3, 10, 8, generator=gen) * 0.7
+    teacher = torch.randn(3, 2, 8, generator=gen) * 0.7
+    negative = torch.rand(3, 10, generator=gen) > 0.5
     negative[:, :2] = False  # the global views are always positive
     negative[1, 2:] = False  # one image without negatives
     loss = ClassTokenContrast(temperature)(student, teacher, negative)
-    assert torch.isfinite(loss)
-    assert loss.item() == pytest.approx(ctc_direct(student, teacher, negative, temperature).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(ctc_formula(student, teacher, negative, temperature), rel=1e-5)
 
 
-def test_ctc_gradient_reaches_student_only() -> None:
+def test_ctc_normalize_option_equals_formula_on_unit_vectors() -> None:
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(2, 6, 5, generator=gen) * 3
+    teacher = torch.randn(2, 2, 5, generator=gen) * 3
+    negative = torch.tensor([[False, False, True, False, True, True], [False, False, False, True, False, False]])
+    unit_s = torch.nn.functional.normalize(student.double(), dim=-1)
+    unit_t = torch.nn.functional.normalize(teacher.double(), dim=-1)
+    loss = ClassTokenContrast(0.5, normalize=True)(student, teacher, negative)
+    assert loss.item() == pytest.approx(ctc_formula(unit_s, unit_t, negative, 0.5), rel=1e-5)
+    # The option changes the logits: on vectors of norm ≠ 1 the published (raw) value differs.
+    raw = ClassTokenContrast(0.5)(student, teacher, negative)
+    assert raw.item() == pytest.approx(ctc_formula(student, teacher, negative, 0.5), rel=1e-5)
+    assert abs(raw.item() - loss.item()) > 1e-2
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ctc_gradient_reaches_student_only(normalize: bool) -> None:
     student = torch.randn(2, 5, 4, requires_grad=True)
     teacher = torch.randn(2, 2, 4, requires_grad=True)
     negative = torch.tensor([[False, False, True, False, True], [False, False, False, True, True]])
-    ClassTokenContrast(0.5)(student, teacher, negative).backward()
+    ClassTokenContrast(0.5, normalize=normalize)(student, teacher, negative).backward()
     assert teacher.grad is None
     assert torch.isfinite(student.grad).all() and (student.grad.abs().sum(dim=-1) > 0).all()
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_ctc_image_without_positive_is_left_out(batch: int) -> None:
-    # Image 0 is the hand example above; the others have only negative views (a connected zero, left out of the
-    # mean), so the loss is the hand value and their students get exactly zero gradient.
-    student = torch.tensor([[5.0, 0.0], [0.0, 1.0]]).repeat(batch, 1, 1).requires_grad_(True)
-    teacher = torch.tensor([[[1.0, 0.0]]]).repeat(batch, 1, 1)
-    negative = torch.ones(batch, 2, dtype=torch.bool)
-    negative[0] = torch.tensor([False, True])
-    loss = ClassTokenContrast(temperature=1.0)(student, teacher, negative)
-    loss.backward()
-    assert loss.item() == pytest.approx(math.log(1 + (1 + 1e-4) / math.e), rel=1e-6)
-    assert torch.equal(student.grad[1:], torch.zeros_like(student.grad[1:]))
+def test_ctc_gradient_matches_numerical() -> None:
+    # float64 inputs stay float64, so gradcheck compares the log-space gradient with finite differences.
+    gen = torch.Generator().manual_seed(2)
+    student = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    teacher = torch.randn(2, 2, 3, generator=gen, dtype=torch.float64)
+    negative = torch.tensor([[False, False, True, False, True], [True, True, True, True, True]])
+    assert torch.autograd.gradcheck(lambda s: ClassTokenContrast(0.5)(s, teacher, negative), (student,))
 
 
-def test_ctc_no_positive_anywhere_is_connected_zero() -> None:
-    student = torch.randn(2, 3, 4, requires_grad=True)
-    loss = ClassTokenContrast(0.5)(student, torch.randn(2, 2, 4), torch.ones(2, 3, dtype=torch.bool))
+def test_ctc_huge_logits_are_finite_and_exact() -> None:
+    # Integer vectors: every dot product is an exact integer in float32 and logits reach ~650 (T = 0.5), where
+    # exp overflows float32 (the published code would give inf / nan) but not float64.
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randint(-9, 10, (2, 6, 4), generator=gen).float().requires_grad_(True)
+    teacher = torch.randint(-9, 10, (2, 2, 4), generator=gen).float()
+    negative = torch.tensor([[False, False, True, True, False, True], [False, False, False, True, True, False]])
+    logits = torch.bmm(teacher, student.detach().transpose(1, 2)) / 0.5
+    assert logits.abs().max() > 200 and logits.abs().max() < 709
+    assert not torch.isfinite(torch.exp(logits)).all()  # the naive float32 evaluation overflows
+    loss = ClassTokenContrast(0.5)(student, teacher, negative)
     loss.backward()
-    assert loss.item() == 0.0 and torch.equal(student.grad, torch.zeros_like(student))
+    assert loss.item() == pytest.approx(ctc_formula(student.detach(), teacher, negative, 0.5), rel=1e-6)
+    assert torch.isfinite(student.grad).all()
+    # Beyond float64 too (logits ~1e5): still finite, with a finite gradient.
+    big = (student.detach() * 100).requires_grad_(True)
+    loss = ClassTokenContrast(0.5)(big, teacher * 100, negative)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(big.grad).all()
 
 
 def test_ctc_bad_input() -> None:
@@ -187,4 +242,4 @@ def test_float32_under_autocast() -> None:
         ctc_amp = ClassTokenContrast(0.1)(student, teacher, negative)
     assert ptc_amp.dtype == ctc_amp.dtype == torch.float32
     assert ptc_amp.item() == pytest.approx(ptc.item(), abs=1e-6)
-    assert ctc_amp.item() == pytest.approx(ctc.item(), abs=1e-6)
+    assert ctc_amp.item() == pytest.approx(ctc.item(), rel=1e-6)

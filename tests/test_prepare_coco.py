@@ -11,12 +11,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
-from datasets.classes import COCO_CLASSES, COCO_ID_TO_LABEL, VOC_CLASSES, VOC_TO_COCO_NAME
+from datasets import build_dataset
+from datasets.classes import COCO_CATEGORIES, COCO_CLASSES, COCO_ID_TO_LABEL, VOC_CLASSES, VOC_TO_COCO_NAME
 from datasets.coco import val_part_ids
 from tools import prepare_coco
 from tools.prepare_coco import Instance, coco_label_map, prepare, segmentation_to_mask
+from utils.config import load_config
 from utils.io import read_label_png
 
 CocoFixture = tuple[Path, dict[str, Any], dict[str, Any]]
@@ -203,3 +206,100 @@ def test_cli_prints_the_summary(synthetic_coco: CocoFixture, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert "val2014: 8 images, masks written 0 / skipped 8" in out
     assert re.search(r"\d+ instances, \d+ crowd regions", out)
+
+
+# ---------------------------------------------------------------------------------------- image labels (SPEC §7)
+
+
+def _label_file(root: Path, split: str) -> dict[str, list[int]]:
+    return json.loads((root / "ImageSets" / f"labels_{split}2014.json").read_text())["labels"]
+
+
+def test_label_files_hold_every_annotated_category_crowd_included(synthetic_coco: CocoFixture) -> None:
+    root, _, first = synthetic_coco
+    for split in ("train", "val"):
+        # Known answer from the JSON alone: category names of the image's annotations, as COCO_CLASSES indices.
+        document = json.loads((root / "annotations" / f"instances_{split}2014.json").read_text())
+        names = {cat["id"]: cat["name"] for cat in document["categories"]}
+        stems = {image["id"]: Path(image["file_name"]).stem for image in document["images"]}
+        expected: dict[str, set[int]] = {}
+        for ann in document["annotations"]:
+            expected.setdefault(stems[ann["image_id"]], set()).add(COCO_CLASSES.index(names[ann["category_id"]]))
+        labels = _label_file(root, split)
+        assert first[split]["label_file"] == str(root / "ImageSets" / f"labels_{split}2014.json")
+        assert list(labels) == (root / "ImageSets" / f"{split}.txt").read_text().split()  # the listed images
+        assert {name: set(classes) for name, classes in labels.items()} == expected
+        assert all(classes == sorted(classes) for classes in labels.values())
+
+
+def _write_json_tree(root: Path, height: int, width: int, annotations: dict[int, list[dict[str, Any]]]) -> list[str]:
+    """A train2014-only MSCOCO tree: one flat grey JPEG per image id and the instances JSON; returns the stems."""
+    image_dir = root / "coco2014" / "train2014"
+    image_dir.mkdir(parents=True)
+    images, anns = [], []
+    for image_id, image_anns in annotations.items():
+        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(image_dir / file_name)
+        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
+        for ann in image_anns:
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "iscrowd": 0, **ann})
+    categories = [{"id": cat_id, "name": name} for cat_id, name in COCO_CATEGORIES]
+    (root / "annotations").mkdir()
+    document = {"images": images, "annotations": anns, "categories": categories}
+    (root / "annotations" / "instances_train2014.json").write_text(json.dumps(document))
+    return [Path(image["file_name"]).stem for image in images]
+
+
+def test_crowd_only_and_unrasterisable_classes_stay_in_the_training_label(tmp_path: Path) -> None:
+    height, width = 16, 20
+    crowd = np.zeros((height, width), dtype=bool)
+    crowd[8:, :] = True
+    # Pixel i covers [i, i+1) and is inside a polygon when its centre i + 0.5 is: the dog square covers rows 0..5 and
+    # columns 0..7; the cat square [5.1, 5.4]^2 holds no pixel centre, so it rasterises to nothing.
+    dog = [[0.0, 0.0, 8.0, 0.0, 8.0, 6.0, 0.0, 6.0]]
+    tiny_cat = [[5.1, 5.1, 5.4, 5.1, 5.4, 5.4, 5.1, 5.4]]
+    bus = [[2.0, 2.0, 12.0, 2.0, 12.0, 10.0, 2.0, 10.0]]
+    assert not segmentation_to_mask(tiny_cat, height, width).any()  # the premise of image 2
+    # COCO ids: person 1, bus 6, cat 17, dog 18 -> labels 1, 6, 16, 17 (ids 1..11 are contiguous, id 12 is unused).
+    root = tmp_path / "MSCOCO"
+    crowd_person = {"category_id": 1, "segmentation": _rle(crowd), "iscrowd": 1}
+    annotations = {
+        1: [{"category_id": 18, "segmentation": dog}, crowd_person],  # person only as a crowd region
+        2: [{"category_id": 17, "segmentation": tiny_cat}],  # the image's only instance rasterises to no pixel
+        3: [{"category_id": 6, "segmentation": bus}],
+    }
+    stems = _write_json_tree(root, height, width, annotations)
+    assert prepare(root, splits=["train"])["train"]["images"] == 3
+    expected = {stems[0]: [1, 17], stems[1]: [16], stems[2]: [6]}
+    assert _label_file(root, "train") == expected
+
+    overrides = [f"data.root={root}", f"run.out_dir={tmp_path / 'run'}", "data.name=coco", "data.num_classes=81",
+                 "data.crop_size=32", "data.num_workers=0"]  # fmt: skip
+    cfg = load_config(None, overrides)
+    train = build_dataset(cfg, "train", "train")
+    assert train.ids == stems
+    for index, name in enumerate(train.ids):
+        assert (np.flatnonzero(train[index]["label"].numpy()) + 1).tolist() == expected[name], name
+    # The masks are unchanged by this: crowd stays 255 (no person pixel), the tiny cat leaves an all-background mask.
+    masks = build_dataset(cfg, "train", "eval")
+    crowd_mask, tiny_mask = masks[0]["mask"].numpy(), masks[1]["mask"].numpy()
+    assert (crowd_mask[8:] == 255).all() and (crowd_mask[:6, :8] == 17).all()
+    assert set(np.unique(crowd_mask).tolist()) == {0, 17, 255}
+    assert not tiny_mask.any()
+
+
+def test_rerun_on_a_tree_without_label_files_adds_them_and_keeps_the_masks(
+    tmp_path: Path, synthetic_coco: CocoFixture
+) -> None:
+    source = synthetic_coco[0]
+    for folder in ("annotations", "coco2014", "SegmentationClass", "ImageSets"):
+        shutil.copytree(source / folder, tmp_path / folder)
+    for split in ("train", "val"):  # as a tree prepared by the version before label files
+        (tmp_path / "ImageSets" / f"labels_{split}2014.json").unlink()
+    before = _mask_hashes(tmp_path)
+    summary = prepare(tmp_path)
+    assert all(summary[split]["written"] == 0 for split in ("train", "val"))
+    assert _mask_hashes(tmp_path) == before
+    for split in ("train", "val"):
+        name = f"labels_{split}2014.json"
+        assert (tmp_path / "ImageSets" / name).read_bytes() == (source / "ImageSets" / name).read_bytes()

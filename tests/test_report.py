@@ -1,50 +1,172 @@
-"""tools/report.py: the results table and folder gathered from a run's evaluation files."""
+"""tools/report.py: the protocol table and folder gathered from a run's evaluation files, the split routing of
+scripts/infer_pipeline.sh (run against a stand-in launcher), and the ablation comparison."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from tools import report
 from utils.config import load_config, save_config
 from utils.io import atomic_write_json
+from utils.run import split_name
+
+REPO = Path(__file__).resolve().parent.parent
+ORACLE = "GT-tuned threshold, oracle — not a protocol number"
 
 
-def test_report_collects_every_stage_and_marks_missing_ones(tmp_path):
-    cfg = load_config("configs/demo.yaml", [f"run.out_dir={tmp_path}", "data.root=/unused"])
+def _run(tmp_path: Path, config: str = "configs/demo.yaml", *overrides: str) -> Path:
+    cfg = load_config(config, [f"run.out_dir={tmp_path}", "data.root=/unused", *overrides])
     save_config(cfg, tmp_path)
-    eval_dir = tmp_path / "eval"
-    atomic_write_json(eval_dir / "cams_val.json", {"miou": 0.61})
-    atomic_write_json(eval_dir / "cams_val_sweep.json", {"miou": 0.64, "threshold": 0.35})
-    atomic_write_json(eval_dir / "pseudo_labels_val.json", {"miou": 0.58, "labelled_miou": 0.7, "coverage": 0.9})
-    atomic_write_json(eval_dir / "seg_val.json", {"miou": 0.55})
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 500, "kind": "train", "seconds": 321.0}) + "\n")
-    (tmp_path / "seg" / "val_overlays").mkdir(parents=True)
-    (tmp_path / "seg" / "val_overlays" / "a.png").write_bytes(b"png")
+    return tmp_path
 
-    assert report.main(["--run-dir", str(tmp_path), "--seconds", "555"]) == 0
-    results = json.loads((tmp_path / "results" / "results.json").read_text())
+
+def test_report_takes_cam_stages_from_cam_split_and_seg_from_seg_split(tmp_path):
+    run = _run(tmp_path)  # base.yaml: eval.cam_split train, eval.split null -> data.val_split val
+    eval_dir = run / "eval"
+    atomic_write_json(eval_dir / "cams_train.json", {"miou": 0.61, "num_images": 3})
+    atomic_write_json(eval_dir / "cams_train_sweep.json", {"miou": 0.64, "threshold": 0.35})
+    atomic_write_json(eval_dir / "pseudo_labels_train.json", {"miou": 0.58, "labelled_miou": 0.7, "coverage": 0.9})
+    atomic_write_json(eval_dir / "seg_val.json", {"miou": 0.55, "num_images": 8})
+    # the other split's files must not leak into the protocol table
+    atomic_write_json(eval_dir / "cams_val.json", {"miou": 0.99})
+    atomic_write_json(eval_dir / "seg_train.json", {"miou": 0.98})
+    atomic_write_json(run / "cams" / "train" / "settings.json", {"checkpoint": {"path": "checkpoints/last.pth"}})
+    atomic_write_json(run / "seg" / "val" / "settings.json", {"checkpoint": {"path": "checkpoints/last.pth"}})
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 500, "kind": "train", "seconds": 321.0}) + "\n")
+    (run / "seg" / "val_overlays").mkdir(parents=True)
+    (run / "seg" / "val_overlays" / "a.png").write_bytes(b"png")
+    (eval_dir / "cams_train_sweep.png").write_bytes(b"png")
+
+    assert report.main(["--run-dir", str(run), "--seconds", "555"]) == 0
+    results = json.loads((run / "results" / "results.json").read_text())
+    assert (results["cam_split"], results["seg_split"]) == ("train", "val")
+    assert (results["cam_num_images"], results["seg_num_images"]) == (3, 8)
+    assert results["checkpoint"] == "last"
+    assert results["cam_checkpoint"] == results["seg_checkpoint"] == "checkpoints/last.pth"
     assert results["cam_miou"] == 0.61 and results["cam_best_miou"] == 0.64 and results["cam_best_threshold"] == 0.35
-    assert results["pseudo_label_miou"] == 0.58 and results["pseudo_label_coverage"] == 0.9
+    assert results["cam_best_note"] == ORACLE
+    assert results["pseudo_label_miou"] == 0.58 and results["pseudo_label_labelled_miou"] == 0.7
+    assert results["pseudo_label_coverage"] == 0.9
     assert results["seg_miou"] == 0.55
     assert results["cam_aux_miou"] is None and results["seg_crf_miou"] is None  # not evaluated: null, not 0
     assert (results["train_iterations"], results["train_seconds"], results["seconds"]) == (500, 321.0, 555.0)
-    table = (tmp_path / "results" / "results.md").read_text()
-    assert "| segmentation head | 55.0 |" in table and "| segmentation head + DenseCRF | not run |" in table
-    assert "best threshold of the sweep (0.35)" in table
-    assert (tmp_path / "results" / "seg_overlays" / "a.png").is_file()
+
+    lines = (run / "results" / "results.md").read_text().splitlines()
+    assert lines[0] == ("Protocol (SPEC §8): CAMs and pseudo labels on train (3 images), segmentation on val "
+                        "(8 images); weights eval.checkpoint=last (checkpoints/last.pth).")  # fmt: skip
+    assert lines[2:4] == ["| stage | split | mIoU (%) |", "|---|---|---|"]
+    rows = lines[4:]
+    assert rows[0] == "| CAM (multi-scale, bkg threshold 0.25) | train | 61.0 |"
+    assert "| aux-CAM (multi-scale, bkg threshold 0.25) | train | not run |" in rows
+    assert "| pseudo labels (ignore band counted as background) | train | 58.0 |" in rows
+    assert "| pseudo-label coverage (share of pixels labelled) | train | 90.0% |" in rows
+    assert "| segmentation head | val | 55.0 |" in rows and "| segmentation head + DenseCRF | val | not run |" in rows
+    # the sweep row comes after every protocol row and carries the oracle label
+    assert rows[7] == f"| CAM at the sweep's best threshold (0.35): {ORACLE} | train | 64.0 |"
+    assert rows[8:] == ["| training: 500 iterations | — | 321 s |", "| whole pipeline, wall time | — | 555 s |"]
+    assert (run / "results" / "seg_overlays" / "a.png").is_file()
+    assert (run / "results" / "cams_train_sweep.png").is_file()
 
 
-def test_compare_tabulates_runs_and_marks_untrained_seg_heads(tmp_path):
+def test_report_names_a_non_final_checkpoint(tmp_path):
+    run = _run(tmp_path, "configs/demo.yaml", "eval.checkpoint=best_seg")
+    atomic_write_json(run / "cams" / "train" / "settings.json", {"checkpoint": {"path": "checkpoints/best_seg.pth"}})
+    atomic_write_json(run / "seg" / "val" / "settings.json", {"checkpoint": {"path": "checkpoints/last.pth"}})
+    results = report.collect(load_config(run / "config.yaml"))
+    assert (results["checkpoint"], results["cam_checkpoint"]) == ("best_seg", "checkpoints/best_seg.pth")
+    header = report.markdown(results).splitlines()[0]
+    assert "eval.checkpoint=best_seg (CAMs checkpoints/best_seg.pth, segmentation checkpoints/last.pth)" in header
+    assert header.endswith("not the final checkpoint that SPEC §8 reports.")
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "expected"),
+    [
+        ("configs/voc.yaml", [], ("train", "val")),  # SPEC §8: CAMs on VOC train, segmentation on val
+        ("configs/coco.yaml", [], ("val", "val")),  # the full val2014 for both, not val_part
+        ("configs/voc.yaml", ["eval.split=train"], ("train", "train")),  # eval.split moves segmentation only
+        ("configs/voc.yaml", ["eval.cam_split=val"], ("val", "val")),
+        ("configs/voc.yaml", ["eval.cam_split=null", "eval.split=test"], ("test", "test")),  # null follows eval.split
+    ],
+)
+def test_protocol_splits(config, overrides, expected):
+    cfg = load_config(config, ["run.out_dir=/unused", "data.root=/unused", *overrides])
+    assert report.protocol_splits(cfg) == expected
+    assert report.seg_split(cfg) == split_name(cfg)  # report's copy of the rule agrees with utils.run's
+
+
+FAKE_LAUNCH = """#!/usr/bin/env bash
+# stands in for scripts/launch.sh: records each stage's command line, one per line
+printf '%s\\n' "$*" >> "$(dirname "$0")/calls.log"
+"""
+
+
+def _last_split(call: str) -> str:
+    """The ``eval.split`` a tool sees: the last one on its command line wins (utils.config)."""
+    return [word.split("=", 1)[1] for word in call.split() if word.startswith("eval.split=")][-1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cam_split", "seg_split"),
+    [([], "train", "val"), (["eval.split=train", "eval.cam_split=val"], "val", "train")],
+)
+def test_pipeline_scores_cam_stages_on_cam_split_and_seg_stages_on_eval_split(tmp_path, overrides, cam_split,
+                                                                                seg_split):  # fmt: skip
+    run = _run(tmp_path / "run", "configs/voc.yaml")
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    shutil.copy(REPO / "scripts" / "infer_pipeline.sh", scripts)
+    (scripts / "launch.sh").write_text(FAKE_LAUNCH)
+    (scripts / "launch.sh").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = ["bash", str(scripts / "infer_pipeline.sh"), str(run), "data.num_workers=0", *overrides]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    calls = (scripts / "calls.log").read_text().splitlines()
+    stages = [" ".join(word for word in call.split() if not word.startswith(("--run-dir", str(run)))
+                       and "=" not in word) for call in calls]  # fmt: skip
+    assert stages == [
+        "tools.make_cam", "tools.evaluate --source cams --sweep", "tools.evaluate --source cams --cam-key cam_aux",
+        "tools.make_pseudo_labels", "tools.evaluate --source pseudo_labels", "tools.infer_seg",
+        "tools.evaluate --source seg", "tools.evaluate --source seg_crf",
+    ]  # fmt: skip
+    assert [_last_split(call) for call in calls] == [cam_split] * 5 + [seg_split] * 3
+    assert all(f"--run-dir {run}" in call and "data.num_workers=0" in call for call in calls)  # overrides reach all
+    assert "eval.crf=true" in calls[5]
+    # the protocol table closes the run, with each row's split and the sweep labelled as an oracle
+    assert f"| segmentation head + DenseCRF | {seg_split} | not run |" in result.stdout
+    assert f"| CAM (multi-scale, bkg threshold 0.5) | {cam_split} | not run |" in result.stdout
+    assert f"{ORACLE} | {cam_split} |" in result.stdout
+    assert f"threshold sweep on {cam_split}: {ORACLE}" in result.stdout
+
+
+def test_shell_entry_points_parse():
+    for script in ("scripts/infer_pipeline.sh", "scripts/ablate.sh", "infer_run_VOC.sh", "infer_run_COCO.sh"):
+        assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0, script
+
+
+def test_compare_scores_cams_on_both_splits_and_marks_untrained_seg_heads(tmp_path):
     runs = []
     for name, seg_weight, miou in (("baseline", 0.0, 0.5), ("full", 0.1, 0.6)):
-        run = tmp_path / name
-        cfg = load_config(
-            "configs/demo.yaml", [f"run.out_dir={run}", "data.root=/unused", f"loss.weight.seg={seg_weight}"]
-        )
-        save_config(cfg, run)
-        atomic_write_json(run / "eval" / "cams_val.json", {"miou": miou})
+        run = _run(tmp_path / name, "configs/demo.yaml", f"loss.weight.seg={seg_weight}")
+        atomic_write_json(run / "eval" / "cams_train.json", {"miou": miou})
+        atomic_write_json(run / "eval" / "cams_val.json", {"miou": miou + 0.1})
+        atomic_write_json(run / "eval" / "cams_val_sweep.json", {"miou": miou + 0.2, "threshold": 0.3})
         atomic_write_json(run / "eval" / "seg_val.json", {"miou": 0.01})
         runs.append(run)
     out = tmp_path / "table.md"
     assert report.main(["--compare", *map(str, runs), "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
-    assert lines[2].startswith("| baseline | 50.0 | n/a | n/a | no seg head |")
-    assert lines[3].startswith("| full | 60.0 | n/a | n/a | 1.0 |")
+    assert lines[0] == (
+        "| run | CAM (train) | aux-CAM (train) | CAM, GT-tuned threshold (train) | CAM (val) | aux-CAM (val) "
+        "| CAM, GT-tuned threshold (val) | segmentation (val) | training time |"
+    )
+    assert lines[2] == "| baseline | 50.0 | n/a | n/a | 60.0 | n/a | 70.0 | no seg head | n/a |"
+    assert lines[3] == "| full | 60.0 | n/a | n/a | 70.0 | n/a | 80.0 | 1.0 | n/a |"
+    assert ORACLE in lines[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,9 @@ import torch
 
 from tools import train
 from utils.checkpoint import read_checkpoint
+from utils.config import load_config
 from utils.logging import read_metrics
+from utils.run import resolve_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_TERMS = {"cls", "cls_aux", "ptc", "ctc", "smc", "mem", "seg", "reg"}
@@ -142,3 +145,99 @@ def test_tiny_model_learns_on_generated_data(voc_root, tmp_path, all_background_
     print(f"loss_cls {first:.3f} -> {last:.3f}; val CAM mIoU {val['cam_miou']:.3f} vs {all_background_miou:.3f}")
     assert last < 0.8 * first
     assert val["cam_miou"] > all_background_miou + 0.05
+
+
+# validation every 2 steps; the decoder (L_seg, L_reg) starts training at step 2
+BEST_SCHEDULE = ("train.max_iters=4", "train.eval_every=2", "train.ckpt_every=4", "loss.start_iter.seg=2",
+                 "loss.start_iter.reg=2")  # fmt: skip
+
+
+@pytest.mark.parametrize("saved_format", ["current", "single_best"])
+def test_best_checkpoints_keep_their_own_metric_and_survive_resume(voc_root, tmp_path, saved_format):
+    """best_cam.pth / best_seg.pth each track their own score; the decoder counts only once trained; resume keeps
+    the state, also from a checkpoint of the old single-best format (``{"score", "step", "metric"}``)."""
+    out = tmp_path / "run"
+    folder = out / "checkpoints"
+    assert train.main(_args(voc_root, out, *BEST_SCHEDULE, "train.stop_iter=2")) == 0
+    # Validation after steps 0 and 1: the decoder has not trained yet, so there is no segmentation best
+    # (heads_in_use(cfg, 2), the phase of the *next* step, would have scored the untrained decoder).
+    assert (folder / "best_cam.pth").is_file() and not (folder / "best_seg.pth").exists()
+    first = read_checkpoint(folder / "last.pth")
+    assert first["extra"]["best"]["seg_miou"] == {"score": -1.0, "step": -1}
+    if saved_format == "single_best":  # what a run trained before best_cam / best_seg wrote
+        first["extra"]["best"] = {**first["extra"]["best"]["cam_miou"], "metric": "cam_miou"}
+        torch.save(first, folder / "last.pth")
+    assert train.main(_args(voc_root, out, *BEST_SCHEDULE, "train.resume=auto")) == 0
+
+    val = {r["step"]: r for r in read_metrics(out / "metrics.jsonl", kind="val")}
+    assert sorted(val) == [2, 4]
+    cam_step = 4 if val[4]["cam_miou"] > val[2]["cam_miou"] else 2  # strict: an equal score keeps the earlier one
+    best = read_checkpoint(folder / "last.pth")["extra"]["best"]
+    assert best["cam_miou"] == {"score": pytest.approx(val[cam_step]["cam_miou"]), "step": cam_step}
+    # the first segmentation score is a best of its own, whatever the CAM best is
+    assert best["seg_miou"] == {"score": pytest.approx(val[4]["seg_miou"]), "step": 4}
+    assert read_checkpoint(folder / "best_cam.pth")["step"] == cam_step
+    assert read_checkpoint(folder / "best_seg.pth")["step"] == 4
+    assert not (folder / "best.pth").exists()
+
+
+def test_restore_best_reads_the_current_and_the_old_single_best_format():
+    fresh = {"cam_miou": {"score": -1.0, "step": -1}, "seg_miou": {"score": -1.0, "step": -1}}
+    assert train.restore_best(None) == train.restore_best({}) == fresh
+    current = {"cam_miou": {"score": 0.4, "step": 6}, "seg_miou": {"score": 0.3, "step": 8}}
+    assert train.restore_best(current) == current
+    # old format: the score carries over to its own metric only
+    assert train.restore_best({"score": 0.5, "step": 4, "metric": "seg_miou"}) == {
+        **fresh, "seg_miou": {"score": 0.5, "step": 4}}  # fmt: skip
+    assert train.restore_best({"score": -1.0, "step": -1, "metric": None}) == fresh  # never validated
+
+
+def _checkpoint_cfg(out: Path, choice: str):
+    return load_config("configs/smoke.yaml", [f"run.out_dir={out}", "data.root=/unused", f"eval.checkpoint={choice}"])
+
+
+def _touch(folder: Path, *names: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+
+
+def test_resolve_checkpoint_names_and_errors(tmp_path):
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(FileNotFoundError, match=r"eval.checkpoint=last: no last.pth"):
+        resolve_checkpoint(_checkpoint_cfg(tmp_path, "last"))
+    _touch(folder, "last.pth", "best_cam.pth")
+    assert load_config(None, ["run.out_dir=x", "data.root=y"]).eval.checkpoint == "last"  # SPEC §8
+    assert resolve_checkpoint(_checkpoint_cfg(tmp_path, "last")) == folder / "last.pth"
+    assert resolve_checkpoint(_checkpoint_cfg(tmp_path, "best_cam")) == folder / "best_cam.pth"
+    # an explicit best_seg never falls back to another checkpoint
+    with pytest.raises(FileNotFoundError, match=r"eval.checkpoint=best_seg: no best_seg.pth .*best_cam.pth"):
+        resolve_checkpoint(_checkpoint_cfg(tmp_path, "best_seg"))
+    _touch(folder, "best_seg.pth")
+    assert resolve_checkpoint(_checkpoint_cfg(tmp_path, "best_seg")) == folder / "best_seg.pth"
+    path = tmp_path / "elsewhere.pth"
+    _touch(tmp_path, path.name)
+    assert resolve_checkpoint(_checkpoint_cfg(tmp_path, str(path))) == path
+    with pytest.raises(FileNotFoundError, match=r"eval.checkpoint=.*missing.pth: file not found"):
+        resolve_checkpoint(_checkpoint_cfg(tmp_path, str(tmp_path / "missing.pth")))
+
+
+@pytest.mark.parametrize(
+    ("present", "expected"),
+    [
+        (("best_seg.pth", "best_cam.pth", "best.pth", "last.pth"), "best_seg.pth"),
+        (("best_cam.pth", "best.pth", "last.pth"), "best_cam.pth"),
+        (("best.pth", "last.pth"), "best.pth"),  # a run folder trained before best_cam / best_seg
+        (("last.pth",), "last.pth"),  # e.g. trained without validation, as the old `best` did
+    ],
+)
+def test_deprecated_best_alias_prefers_best_seg_and_warns(tmp_path, caplog, present, expected):
+    _touch(tmp_path / "checkpoints", *present)
+    with caplog.at_level(logging.WARNING, logger="utils.run"):
+        assert resolve_checkpoint(_checkpoint_cfg(tmp_path, "best")) == tmp_path / "checkpoints" / expected
+    assert "eval.checkpoint=best is deprecated" in caplog.text and expected in caplog.text
+
+
+def test_deprecated_best_alias_without_checkpoints_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"eval.checkpoint=best \(deprecated\)"):
+        resolve_checkpoint(_checkpoint_cfg(tmp_path, "best"))

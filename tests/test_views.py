@@ -2,7 +2,7 @@
 
 import torch
 
-from utils.views import PhotometricAugment
+from utils.views import PhotometricAugment, flip_boxes
 
 OFF = {"flip_p": 0.0, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
 
@@ -38,3 +38,12 @@ def test_same_generator_seed_gives_same_views_and_outputs_stay_in_range():
     c, _ = augment(images, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and torch.equal(fa, fb) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
+
+
+def test_flip_boxes_mirrors_only_flipped_rows():
+    boxes = torch.tensor([[0, 10, 2, 7], [1, 9, 0, 12], [3, 4, 5, 6]])
+    out = flip_boxes(boxes, torch.tensor([True, False, True]), width=12)
+    assert out.tolist() == [[0, 10, 5, 10], [1, 9, 0, 12], [3, 4, 6, 7]]
+    # flipping twice is the identity
+    twice = flip_boxes(out, torch.tensor([True, False, True]), width=12)
+    assert torch.equal(twice, boxes)

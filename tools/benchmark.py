@@ -102,7 +102,14 @@ def bench_seg(cfg: DictConfig, device: torch.device, iters: int, size: tuple[int
     image, ev = _image(size, device), cfg.eval
     wall, cpu = _time(
         lambda: predict_seg_logits(
-            model, image, tuple(ev.scales), bool(ev.flip), ev.flip_fusion, ev.scale_fusion, ev.resize
+            model,
+            image,
+            tuple(ev.scales),
+            bool(ev.flip),
+            ev.flip_fusion,
+            ev.scale_fusion,
+            ev.resize,
+            resize_mode=str(ev.resize_mode),
         ),
         iters,
         device,

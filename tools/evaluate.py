@@ -10,7 +10,8 @@ Reads ``RUN/<source>/<split>/<id>.{npz,png}`` for every image of the split (``ev
 - ``cams``: the saved CAMs of branch ``--cam-key`` (default ``cam``) become labels by a constant background plane at
   ``cam.bkg_thre`` (``utils.metrics.cam_to_label``). ``--sweep`` instead accumulates one confusion matrix per
   background threshold ``eval.sweep_start..eval.sweep_stop`` (inclusive) step ``eval.sweep_step`` in one pass, reports
-  the best threshold and plots the curve.
+  the best threshold and plots the curve. That threshold is chosen on the ground truth being scored: a GT-tuned
+  oracle, never a protocol number (SPEC §8 reports ``cam.bkg_thre``); the sweep JSON says so in ``note``.
 - ``pseudo_labels``: label PNGs that may hold 255 ("no label", the ignore band of SPEC §2.4/§2.5). ``miou`` counts
   those pixels as background, a conservative score comparable with single-threshold labels; ``labelled_miou`` scores
   only the pixels that received a label, and ``coverage`` is the fraction of valid ground-truth pixels that did.
@@ -61,6 +62,7 @@ R = TypeVar("R")
 CamMaps = tuple[np.ndarray, np.ndarray]  # (cams float [K, H, W], class ids int64 [K])
 CAM_KEYS = ("cam", "cam_aux")
 MAX_LISTED = 10  # ids named in a "missing predictions" error
+SWEEP_NOTE = "GT-tuned threshold, oracle — not a protocol number"
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ class SweepScorer:
     def result(self) -> dict[str, Any]:
         threshold, best = self.sweep.best()
         curve = [{key: r[key] for key in ("threshold", "miou", "pixel_acc", "mean_acc")} for r in self.sweep.results()]
-        return {**best, "threshold": threshold, "sweep": curve}
+        return {**best, "threshold": threshold, "note": SWEEP_NOTE, "sweep": curve}
 
     def configured_result(self) -> dict[str, Any]:
         """The metrics at ``cam.bkg_thre``: what a run without ``--sweep`` reports."""
@@ -368,7 +370,7 @@ def _report(cfg: DictConfig, result: dict[str, Any], name: str, sweep: bool, tag
         curve = result["sweep"]
         plot = out / f"{stem}.png"
         plot_sweep([r["threshold"] for r in curve], [r["miou"] for r in curve], result["threshold"], plot)
-        logger.info("best background threshold %.4g: mIoU %s (curve in %s)", result["threshold"],
+        logger.info("best background threshold %.4g (%s): mIoU %s (curve in %s)", result["threshold"], SWEEP_NOTE,
                     _pct(result["miou"]), out / f"{stem}.png")  # fmt: skip
     atomic_write_json(out / f"{stem}.json", result)
     logger.info("wrote %s", out / f"{stem}.json")

@@ -13,8 +13,9 @@ Outputs, for split = ``eval.split`` (else ``data.val_split``):
 
 Each prediction PNG is a palette ("P" mode) PNG whose pixel values are the class ids (0 = background): read as an
 array (``utils.io.read_label_png``) it is the class-id map, shown in a viewer it is the VOC-coloured map, so one file
-is both the class-id PNG and the palette PNG of SPEC §5.2. ``eval.resize`` (COCO: 448) shrinks the image before the
-network; logits are upsampled back, so every output has the image's original size.
+is both the class-id PNG and the palette PNG of SPEC §5.2. ``eval.resize`` (COCO: 448) resizes the image before the
+network, as ``eval.resize_mode`` says (long_side, or square = 448x448 for COCO); logits are upsampled back, so every
+output has the image's original size.
 
 Scales, flip and fusion come from ``eval.*``. Work is sharded over torchrun ranks (``ids[rank::world]``) and is
 resumable per output folder: an image is skipped where its outputs exist, so a second run does no work, and a run
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from datasets import build_dataset, collate_eval
 from utils import dist
 from utils.crf import CRFPool
-from utils.inference import autocast, autocast_name, predict_seg_logits
+from utils.inference import autocast, autocast_name, check_resize_mode, predict_seg_logits
 from utils.io import save_label_png
 from utils.logging import setup_logging
 from utils.run import (
@@ -133,6 +134,7 @@ def plan_work(cfg: DictConfig, ids: list[str], folders: Folders) -> Plan:
 def output_settings(cfg: DictConfig, device: torch.device) -> dict:
     """What determines the seg outputs; a resumed run must match it (``utils.run.check_settings``)."""
     ev = cfg.eval
+    resize_mode = check_resize_mode(str(ev.resize_mode))  # before settings.json can record a typo
     return {
         "checkpoint": checkpoint_identity(cfg),
         "scales": [float(s) for s in ev.scales],
@@ -140,6 +142,8 @@ def output_settings(cfg: DictConfig, device: torch.device) -> dict:
         "flip_fusion": str(ev.flip_fusion),
         "scale_fusion": str(ev.scale_fusion),
         "resize": None if ev.resize is None else int(ev.resize),
+        # None without a resize (the mode then changes nothing): full-resolution folders of earlier runs stay resumable.
+        "resize_mode": None if ev.resize is None else resize_mode,
         "precision": autocast_name(device, str(cfg.train.precision)),
     }
 
@@ -177,7 +181,8 @@ def network_stage(
         tick = time.perf_counter()
         with autocast(device, str(cfg.train.precision)):
             logits = predict_seg_logits(model, image.to(device)[None], tuple(ev.scales), bool(ev.flip),
-                                        str(ev.flip_fusion), str(ev.scale_fusion), ev.resize)[0]  # fmt: skip
+                                        str(ev.flip_fusion), str(ev.scale_fusion), ev.resize,
+                                        resize_mode=str(ev.resize_mode))[0]  # fmt: skip
         prediction = logits.argmax(0).to(torch.uint8).cpu().numpy()  # .cpu() waits for the device: timing is exact
         stats.net_seconds += time.perf_counter() - tick
         stats.net_images += 1

@@ -34,6 +34,7 @@ from datasets import build_dataset, collate_eval
 from models import MSFC, fuse_similarity, normalize
 from utils import dist
 from utils.cam import multiscale_cam
+from utils.engine import label_cam_precision
 from utils.inference import autocast
 from utils.logging import setup_logging
 from utils.run import (
@@ -120,6 +121,7 @@ def settings(cfg: DictConfig) -> dict:
         "checkpoint": checkpoint_identity(cfg),
         "scales": [float(s) for s in cfg.cam.scales],
         "fuse_lambda": float(cfg.memory.fuse_lambda),
+        "precision": label_cam_precision(str(cfg.cam.precision), str(cfg.train.precision)),
     }
 
 
@@ -147,10 +149,12 @@ def export_cams(cfg: DictConfig) -> dict:
         loader = DataLoader(Subset(dataset, todo), batch_size=1, num_workers=int(cfg.data.num_workers),
                             collate_fn=collate_eval)  # fmt: skip
         scales, max_batch = tuple(float(s) for s in cfg.cam.scales), int(cfg.cam.max_batch)
+        # CAMs become labels: fp32 unless cam.precision=train (SPEC §8); autocast is a no-op on CPU anyway.
+        precision = label_cam_precision(str(cfg.cam.precision), str(cfg.train.precision))
         for item in tqdm(loader, desc=f"cams {split}", disable=rank != 0, dynamic_ncols=True):
             x = normalize(item["img"][0].to(device)[None])
             label = item["label"][0].to(device)[None]
-            with autocast(device, str(cfg.train.precision)):
+            with autocast(device, precision):
                 cam, cam_aux = multiscale_cam(model, x, scales, max_batch)
                 if lam > 0:
                     sim = memory_similarity(model, x, label)

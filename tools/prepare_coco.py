@@ -1,21 +1,28 @@
-"""Build VOC-style segmentation masks and split lists for COCO 2014 from the official instances JSON (SPEC §7).
+"""Build VOC-style segmentation masks, split lists and image labels for COCO 2014 from the instances JSON (SPEC §7).
 
 Usage: python -m tools.prepare_coco ROOT [--splits train val] [--workers N]
 
 ROOT is the MSCOCO folder: ``ROOT/annotations/instances_{train,val}2014.json`` and
 ``ROOT/coco2014/{train2014,val2014}/*.jpg``. Writes ``ROOT/SegmentationClass/{train2014,val2014}/<stem>.png``
 (palette PNG: 0 background, 1..80 the COCO categories in ``datasets.classes.COCO_ID_TO_LABEL`` order, 255 on crowd
-regions that no ordinary instance covers) and ``ROOT/ImageSets/{train,val,val_part}.txt``.
+regions that no ordinary instance covers), ``ROOT/ImageSets/{train,val,val_part}.txt`` and the image labels
+``ROOT/ImageSets/labels_{train2014,val2014}.json``: ``{"labels": {<stem>: [class labels 1..80, sorted]}, ...}``
+(plus provenance keys), every category with at least one annotation in the image, crowd regions included. The
+dataset reader takes its labels from these files, not from the masks, so a class present only as a crowd region or
+only as an instance too small to rasterise stays in the label (``val_part`` reads val2014's).
 
 Only images with at least one annotation are listed and get a mask: that is what gives the 82,081 train and 40,137
 val images of SPEC §7 (of 82,783 / 40,504 in the JSON). Where ordinary instances overlap, larger instances (by mask
 area) are painted first so smaller ones stay visible on top of them; crowd regions are painted last and only where
-no instance is. Masks already on disk are skipped (resumable) and every file is written atomically.
+no instance is. Masks already on disk are skipped (resumable); lists and label files, cheap to make from the JSON,
+are rewritten on every run (so re-running on a tree prepared by an older version adds them); every file is written
+atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 from collections.abc import Iterable, Sequence
@@ -29,7 +36,7 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from datasets.classes import COCO_ID_TO_LABEL
-from datasets.coco import val_part_ids  # the one rule, shared with the reader's fallback
+from datasets.coco import COCO_LAYOUT, val_part_ids  # the one rule and the label-file path, shared with the reader
 from utils.io import atomic_write_text, save_label_png
 
 logger = logging.getLogger(__name__)
@@ -116,6 +123,24 @@ def _write_mask(task: MaskTask) -> tuple[str, bool, bool]:
     return task.stem, True, image_present
 
 
+def image_labels(instances: Sequence[Instance]) -> list[int]:
+    """Sorted class labels (1..80) of every category annotated in an image, crowd regions included (SPEC §7)."""
+    return sorted({COCO_ID_TO_LABEL[instance.category_id] for instance in instances})
+
+
+def write_label_file(root: Path, split: str, tasks: Sequence[MaskTask]) -> Path:
+    """Write the image labels of ``split`` (one entry per listed image) where the reader looks for them."""
+    path = COCO_LAYOUT.label_path(root, split)
+    payload = {
+        "source": f"annotations/instances_{split}2014.json",
+        "classes": "datasets.classes.COCO_ID_TO_LABEL (1..80, the mask values); crowd annotations included",
+        "labels": {task.stem: image_labels(task.instances) for task in tasks},
+    }
+    # Compact: the train file holds 82k entries.
+    atomic_write_text(path, json.dumps(payload, separators=(",", ":")) + "\n")
+    return path
+
+
 def _split_paths(root: Path, split: str) -> tuple[Path, Path]:
     return root / "annotations" / f"instances_{split}2014.json", root / "coco2014" / f"{split}2014"
 
@@ -187,7 +212,7 @@ def prepare(root: str | Path, splits: Sequence[str] = SPLITS, workers: int = 0) 
 
     Returns:
         Per split: ``images`` (listed), ``written`` / ``skipped`` masks, ``instances`` (ordinary annotations),
-        ``crowd`` (crowd regions), ``missing_images`` (listed images without a JPEG file).
+        ``crowd`` (crowd regions), ``missing_images`` (listed images without a JPEG file), ``label_file`` (path).
     """
     root = Path(root)
     check_layout(root, splits)
@@ -205,6 +230,7 @@ def prepare(root: str | Path, splits: Sequence[str] = SPLITS, workers: int = 0) 
         atomic_write_text(list_dir / f"{split}.txt", "".join(f"{stem}\n" for stem in stems))
         if split == "val":
             atomic_write_text(list_dir / "val_part.txt", "".join(f"{stem}\n" for stem in val_part_ids(stems)))
+        label_file = write_label_file(root, split, tasks)
         if missing:
             logger.warning("%s2014: %d listed images have no JPEG in %s", split, missing, _split_paths(root, split)[1])
         summary[split] = {
@@ -214,6 +240,7 @@ def prepare(root: str | Path, splits: Sequence[str] = SPLITS, workers: int = 0) 
             "instances": sum(len(task.instances) for task in tasks) - crowd,
             "crowd": crowd,
             "missing_images": missing,
+            "label_file": str(label_file),
         }
     return summary
 

@@ -1,13 +1,20 @@
-"""Collect a run's evaluation results into one table and folder (what ``scripts/demo.sh`` prints at the end).
+"""Collect a run's evaluation results into the protocol table and one folder (printed by ``infer_run_*.sh``).
 
-    python -m tools.report --run-dir RUN [--seconds S]
-    python -m tools.report --compare RUN [RUN ...] [--out FILE.md]     one row per run (scripts/ablate.sh)
+    python -m tools.report --run-dir RUN [--seconds S] [key=value ...]
+    python -m tools.report --print-splits --run-dir RUN [key=value ...]     prints "CAM_SPLIT SEG_SPLIT"
+    python -m tools.report --compare RUN [RUN ...] [--out FILE.md]         one row per run (scripts/ablate.sh)
 
-Reads ``RUN/eval/*_<split>.json`` (written by ``tools.evaluate``) and ``RUN/metrics.jsonl``, and writes
-``RUN/results/``: ``results.json`` (keys ``cam_miou``, ``cam_aux_miou``, ``cam_best_threshold``, ``cam_best_miou``,
-``pseudo_label_miou``, ``pseudo_label_labelled_miou``, ``pseudo_label_coverage``, ``seg_miou``, ``seg_crf_miou``,
-``train_seconds``, ``seconds``, ...; a stage that was not evaluated is null), ``results.md`` (the same as a markdown
-table), the CAM threshold-sweep plot and the segmentation overlays.
+The protocol of SPEC §8 scores CAMs, aux-CAMs and pseudo labels on ``eval.cam_split`` (VOC train, 1,464 images; COCO
+val; null = the segmentation split) and the segmentation head on ``eval.split`` (null = ``data.val_split``), at the
+configured ``cam.bkg_thre``. The CAM threshold sweep picks its threshold on the ground truth: it is reported apart,
+labelled "GT-tuned threshold, oracle — not a protocol number".
+
+Reads ``RUN/eval/*_<split>.json`` (written by ``tools.evaluate``), the outputs' ``settings.json`` (the checkpoint that
+made them) and ``RUN/metrics.jsonl``, and writes ``RUN/results/``: ``results.json`` (keys ``cam_split``,
+``seg_split``, ``checkpoint``, ``cam_checkpoint``, ``seg_checkpoint``, ``cam_miou``, ``cam_aux_miou``,
+``cam_best_threshold``, ``cam_best_miou``, ``pseudo_label_miou``, ``pseudo_label_labelled_miou``,
+``pseudo_label_coverage``, ``seg_miou``, ``seg_crf_miou``, ``train_seconds``, ``seconds``, ...; a stage that was not
+evaluated is null), ``results.md`` (the protocol table), the CAM threshold-sweep plot and the segmentation overlays.
 """
 
 from __future__ import annotations
@@ -25,110 +32,202 @@ from omegaconf import DictConfig
 from utils.config import add_config_arguments, config_from_args, load_run_config
 from utils.io import atomic_write_json, atomic_write_text
 from utils.logging import read_metrics, setup_logging
-from utils.run import split_name
 
 logger = logging.getLogger("tools.report")
 
-# (results key, eval file name, key inside that file, table label)
+ORACLE = "GT-tuned threshold, oracle — not a protocol number"
+# (results key, which split scores it: "cam" = eval.cam_split | "seg" = eval.split, eval file, key in it, label)
 ROWS = (
-    ("cam_miou", "cams_{split}.json", "miou", "CAM (multi-scale, bkg threshold {bkg})"),
-    ("cam_aux_miou", "cams_aux_{split}.json", "miou", "aux-CAM (multi-scale, bkg threshold {bkg})"),
-    ("cam_best_miou", "cams_{split}_sweep.json", "miou", "CAM at the best threshold of the sweep ({best})"),
-    ("pseudo_label_miou", "pseudo_labels_{split}.json", "miou", "pseudo labels (ignore band counted as background)"),
-    (
-        "pseudo_label_labelled_miou",
-        "pseudo_labels_{split}.json",
-        "labelled_miou",
-        "pseudo labels, labelled pixels only",
-    ),
-    ("seg_miou", "seg_{split}.json", "miou", "segmentation head"),
-    ("seg_crf_miou", "seg_crf_{split}.json", "miou", "segmentation head + DenseCRF"),
-)
+    ("cam_miou", "cam", "cams_{split}.json", "miou", "CAM (multi-scale, bkg threshold {bkg})"),
+    ("cam_aux_miou", "cam", "cams_aux_{split}.json", "miou", "aux-CAM (multi-scale, bkg threshold {bkg})"),
+    ("pseudo_label_miou", "cam", "pseudo_labels_{split}.json", "miou",
+     "pseudo labels (ignore band counted as background)"),
+    ("pseudo_label_labelled_miou", "cam", "pseudo_labels_{split}.json", "labelled_miou",
+     "pseudo labels, labelled pixels only"),
+    ("seg_miou", "seg", "seg_{split}.json", "miou", "segmentation head"),
+    ("seg_crf_miou", "seg", "seg_crf_{split}.json", "miou", "segmentation head + DenseCRF"),
+    # last and apart: its threshold was chosen on the very masks it is scored against
+    ("cam_best_miou", "cam", "cams_{split}_sweep.json", "miou",
+     "CAM at the sweep's best threshold ({best}): " + ORACLE),
+)  # fmt: skip
+# results key of the number of images scored, and the eval files that record it, in order of preference
+NUM_IMAGES = {"cam": ("cams_{split}.json", "cams_aux_{split}.json", "pseudo_labels_{split}.json"),
+              "seg": ("seg_{split}.json", "seg_crf_{split}.json")}  # fmt: skip
+
+
+def seg_split(cfg: DictConfig) -> str:
+    """The split the segmentation head is scored on: ``eval.split``, else ``data.val_split``.
+
+    The rule of ``utils.run.split_name``, not imported from there because that module loads torch (4 s), and
+    ``scripts/infer_pipeline.sh`` asks for the splits before its first stage (tests/test_report.py checks they agree).
+    """
+    return str(cfg.eval.split if cfg.eval.split is not None else cfg.data.val_split)
+
+
+def protocol_splits(cfg: DictConfig) -> tuple[str, str]:
+    """``(cam_split, seg_split)``: where the protocol scores CAMs + pseudo labels, and segmentation (SPEC §8).
+
+    ``eval.cam_split`` (null = the segmentation split) and ``eval.split`` (null = ``data.val_split``) are independent:
+    an ``eval.split=X`` from the user moves the segmentation stages only; ``eval.cam_split=Y`` moves the CAM stages.
+    """
+    seg = seg_split(cfg)
+    return (seg if cfg.eval.cam_split is None else str(cfg.eval.cam_split)), seg
 
 
 def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def split_results(run: Path, split: str) -> dict[str, Any]:
+    """Every :data:`ROWS` value found in ``run/eval/*_<split>.json`` (None where not evaluated), plus
+    ``cam_best_threshold``, ``pseudo_label_coverage`` and ``num_images`` ({"cam": n, "seg": n})."""
+    stems = {row[2] for row in ROWS} | {stem for group in NUM_IMAGES.values() for stem in group}
+    files = {stem: _read(run / "eval" / stem.format(split=split)) for stem in stems}
+    values: dict[str, Any] = {key: None if files[stem] is None else files[stem].get(field)
+                              for key, _, stem, field, _ in ROWS}  # fmt: skip
+    sweep, pseudo = files["cams_{split}_sweep.json"], files["pseudo_labels_{split}.json"]
+    values["cam_best_threshold"] = None if sweep is None else sweep["threshold"]
+    values["pseudo_label_coverage"] = None if pseudo is None else pseudo.get("coverage")
+    values["num_images"] = {
+        group: next((files[stem]["num_images"] for stem in stems if (files[stem] or {}).get("num_images")), None)
+        for group, stems in NUM_IMAGES.items()
+    }
+    return values
+
+
+def _checkpoint_used(run: Path, kind: str, split: str) -> str | None:
+    """The checkpoint recorded in ``run/<kind>/<split>/settings.json`` (the one that made those outputs)."""
+    settings = _read(run / kind / split / "settings.json") or {}
+    identity = settings.get("checkpoint")
+    return identity.get("path") if isinstance(identity, dict) else identity
+
+
 def collect(cfg: DictConfig, seconds: float | None = None) -> dict[str, Any]:
-    """Gather the evaluation results of the run's split (``eval.split``, else ``data.val_split``)."""
-    run, split = Path(cfg.run.out_dir), split_name(cfg)
-    files = {name: _read(run / "eval" / name.format(split=split)) for name in {row[1] for row in ROWS}}
-    results: dict[str, Any] = {"run": str(run), "split": split, "bkg_thre": float(cfg.cam.bkg_thre)}
-    for key, stem, field, _ in ROWS:
-        results[key] = None if files[stem] is None else files[stem].get(field)
-    sweep = files["cams_{split}_sweep.json"]
-    results["cam_best_threshold"] = None if sweep is None else sweep["threshold"]
-    pseudo = files["pseudo_labels_{split}.json"]
-    results["pseudo_label_coverage"] = None if pseudo is None else pseudo.get("coverage")
-    train = read_metrics(run / "metrics.jsonl", kind="train") if (run / "metrics.jsonl").is_file() else []
-    results["train_iterations"] = train[-1]["step"] if train else None
-    results["train_seconds"] = train[-1].get("seconds") if train else None
+    """Gather the run's results: CAM stages from ``eval.cam_split``, segmentation from ``eval.split``."""
+    run = Path(cfg.run.out_dir)
+    cam_split, seg = protocol_splits(cfg)
+    found = {"cam": split_results(run, cam_split), "seg": split_results(run, seg)}
+    results: dict[str, Any] = {
+        "run": str(run),
+        "cam_split": cam_split,
+        "seg_split": seg,
+        "cam_num_images": found["cam"]["num_images"]["cam"],
+        "seg_num_images": found["seg"]["num_images"]["seg"],
+        "checkpoint": str(cfg.eval.checkpoint),
+        "cam_checkpoint": _checkpoint_used(run, "cams", cam_split),
+        "seg_checkpoint": _checkpoint_used(run, "seg", seg),
+        "bkg_thre": float(cfg.cam.bkg_thre),
+    }
+    for key, group, *_ in ROWS:
+        results[key] = found[group][key]
+    results["cam_best_threshold"] = found["cam"]["cam_best_threshold"]
+    results["cam_best_note"] = ORACLE
+    results["pseudo_label_coverage"] = found["cam"]["pseudo_label_coverage"]
+    results["train_iterations"], results["train_seconds"] = _training(run)
     results["seconds"] = seconds
     return results
 
 
+def _training(run: Path) -> tuple[int | None, float | None]:
+    """(iterations, seconds) of the last training record in ``run/metrics.jsonl``."""
+    train = read_metrics(run / "metrics.jsonl", kind="train") if (run / "metrics.jsonl").is_file() else []
+    return (train[-1]["step"], train[-1].get("seconds")) if train else (None, None)
+
+
+def _pct(value: float | None) -> str:
+    return "not run" if value is None else f"{100 * value:.1f}"
+
+
+def _split_with_count(split: str, count: int | None) -> str:
+    return split if count is None else f"{split} ({count:,} images)"
+
+
 def markdown(results: dict[str, Any]) -> str:
+    """The protocol table: one row per stage with the split it was scored on; the GT-tuned sweep row last."""
+    cam_split, seg = results["cam_split"], results["seg_split"]
+    used = {results["cam_checkpoint"], results["seg_checkpoint"]} - {None}
+    files = ("" if not used else f" ({next(iter(used))})" if len(used) == 1 else
+             f" (CAMs {results['cam_checkpoint']}, segmentation {results['seg_checkpoint']})")  # fmt: skip
+    caveat = "" if results["checkpoint"] == "last" else " — not the final checkpoint that SPEC §8 reports"
+    lines = [
+        f"Protocol (SPEC §8): CAMs and pseudo labels on {_split_with_count(cam_split, results['cam_num_images'])}, "
+        f"segmentation on {_split_with_count(seg, results['seg_num_images'])}; weights eval.checkpoint="
+        f"{results['checkpoint']}{files}{caveat}.",
+        "",
+        "| stage | split | mIoU (%) |",
+        "|---|---|---|",
+    ]
     best = "n/a" if results["cam_best_threshold"] is None else f"{results['cam_best_threshold']:.2f}"
-    lines = [f"| stage ({results['split']} split) | mIoU |", "|---|---|"]
-    for key, _, _, label in ROWS:
-        value = results[key]
-        shown = "not run" if value is None else f"{100 * value:.1f}"
-        lines.append(f"| {label.format(bkg=results['bkg_thre'], best=best)} | {shown} |")
-    if results["pseudo_label_coverage"] is not None:
-        lines.append(
-            f"| pseudo-label coverage (share of pixels labelled) | {100 * results['pseudo_label_coverage']:.1f}% |"
-        )
+    for key, group, _, _, label in ROWS:
+        split = cam_split if group == "cam" else seg
+        lines.append(f"| {label.format(bkg=results['bkg_thre'], best=best)} | {split} | {_pct(results[key])} |")
+        if key == "pseudo_label_labelled_miou" and results["pseudo_label_coverage"] is not None:
+            coverage = f"{100 * results['pseudo_label_coverage']:.1f}%"
+            lines.append(f"| pseudo-label coverage (share of pixels labelled) | {cam_split} | {coverage} |")
     if results["train_seconds"] is not None:
-        lines.append(f"| training: {results['train_iterations']} iterations | {results['train_seconds']:.0f} s |")
+        lines.append(f"| training: {results['train_iterations']} iterations | — | {results['train_seconds']:.0f} s |")
     if results["seconds"] is not None:
-        lines.append(f"| whole pipeline, wall time | {results['seconds']:.0f} s |")
+        lines.append(f"| whole pipeline, wall time | — | {results['seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(cfg: DictConfig, seconds: float | None = None) -> Path:
     """Write ``RUN/results/`` and return it."""
     results = collect(cfg, seconds)
-    run, split = Path(cfg.run.out_dir), results["split"]
+    run = Path(cfg.run.out_dir)
     out = run / "results"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown(results))
-    plot = run / "eval" / f"cams_{split}_sweep.png"
+    plot = run / "eval" / f"cams_{results['cam_split']}_sweep.png"
     if plot.is_file():
         shutil.copy2(plot, out / plot.name)
     for kind in ("seg", "seg_crf"):
-        overlays = run / kind / f"{split}_overlays"
+        overlays = run / kind / f"{results['seg_split']}_overlays"
         if overlays.is_dir():
             shutil.copytree(overlays, out / f"{kind}_overlays", dirs_exist_ok=True)
     return out
 
 
-COMPARED = (("cam_miou", "CAM"), ("cam_aux_miou", "aux-CAM"), ("cam_best_miou", "CAM, best threshold"),
-            ("seg_miou", "segmentation"))  # fmt: skip
+# compared per split (the protocol's CAM split, then the segmentation split), then segmentation on its split
+COMPARED_CAM = (("cam_miou", "CAM"), ("cam_aux_miou", "aux-CAM"), ("cam_best_miou", "CAM, GT-tuned threshold"))
 
 
 def compare(run_dirs: list[Path]) -> str:
-    """A markdown table with one row per run (its folder name) and the mIoUs of :data:`COMPARED`, in %."""
-    header = "| run | " + " | ".join(label for _, label in COMPARED) + " | training time |"
-    lines = [header, "|---" * (len(COMPARED) + 2) + "|"]
+    """A markdown table with one row per run (its folder name): CAM mIoUs on the protocol's CAM split and on the
+    segmentation split (both, once if they are the same), segmentation mIoU, training time. The splits are those of
+    the first run's config; every run is read on the same splits."""
+    cam_split, seg = protocol_splits(load_run_config(run_dirs[0], [f"run.out_dir={run_dirs[0]}"]))
+    splits = [cam_split] if cam_split == seg else [cam_split, seg]
+    columns = [(split, key, f"{label} ({split})") for split in splits for key, label in COMPARED_CAM]
+    columns.append((seg, "seg_miou", f"segmentation ({seg})"))
+    lines = ["| run | " + " | ".join(label for *_, label in columns) + " | training time |",
+             "|---" * (len(columns) + 2) + "|"]  # fmt: skip
     for run in run_dirs:
         cfg = load_run_config(run, [f"run.out_dir={run}"])
-        results = collect(cfg)
-        if float(cfg.loss.weight.seg) == 0:  # the decoder was never trained: its mIoU means nothing
-            results["seg_miou"] = "no seg head"
-        cells = [value if isinstance(value, str) else "n/a" if value is None else f"{100 * value:.1f}"
-                 for value in (results[key] for key, _ in COMPARED)]  # fmt: skip
-        seconds = results["train_seconds"]
+        found = {split: split_results(run, split) for split in splits}
+        cells = []
+        for split, key, _ in columns:
+            if key == "seg_miou" and float(cfg.loss.weight.seg) == 0:  # the decoder was never trained
+                cells.append("no seg head")
+            else:
+                value = found[split][key]
+                cells.append("n/a" if value is None else f"{100 * value:.1f}")
+        seconds = _training(run)[1]
         lines.append(
             f"| {run.name} | " + " | ".join(cells) + f" | {'n/a' if seconds is None else f'{seconds:.0f} s'} |"
         )
+    lines += [
+        "",
+        f'mIoU in %; CAM and aux-CAM at cam.bkg_thre; "CAM, GT-tuned threshold" = the sweep\'s best ({ORACLE}).',
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=None, help="wall time of the whole pipeline, to record")
+    parser.add_argument("--print-splits", action="store_true", help="print 'CAM_SPLIT SEG_SPLIT' and exit")
     parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN", help="tabulate several runs")
     parser.add_argument("--out", type=Path, default=None, help="with --compare: also write the table here")
     add_config_arguments(parser)
@@ -140,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table, end="")
         return 0
     cfg = config_from_args(args)
+    if args.print_splits:
+        print(*protocol_splits(cfg))
+        return 0
     setup_logging(cfg.run.out_dir, 0, "report.log")
     out = write_report(cfg, seconds=args.seconds)
     print((out / "results.md").read_text(), end="")

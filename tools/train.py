@@ -14,7 +14,9 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +47,9 @@ logger = logging.getLogger("tools.train")
 
 # Buffers that legitimately differ between ranks: the memory bank's accumulators until its next all-reduce.
 LOCAL_STATE = ("memory.acc_",)
+# Validation metric -> the checkpoint holding its best score so far (eval.checkpoint=best_cam | best_seg). Each metric
+# keeps its own best: a CAM mIoU and a segmentation mIoU are not comparable numbers.
+BEST_FILES = {"cam_miou": "best_cam.pth", "seg_miou": "best_seg.pth"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,6 +78,23 @@ def _wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
+def restore_best(saved: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The per-metric best state ``{metric: {"score", "step"}}`` from a checkpoint's ``extra["best"]``.
+
+    Also reads the single best of checkpoints written before ``best_cam`` / ``best_seg`` existed (``{"score", "step",
+    "metric"}``, file ``best.pth``): its score carries over to its metric, so a resumed run writes ``best_<metric>.pth``
+    only when it beats that score; the other metric starts afresh. None / {} (no validation yet) = nothing seen.
+    """
+    best: dict[str, dict[str, Any]] = {metric: {"score": -1.0, "step": -1} for metric in BEST_FILES}
+    if not saved:
+        return best
+    entries = {saved.get("metric"): saved} if "metric" in saved else saved
+    for metric, entry in entries.items():
+        if metric in best and int(entry["step"]) >= 0:
+            best[metric] = {"score": float(entry["score"]), "step": int(entry["step"])}
+    return best
+
+
 class Trainer:
     """Owns the model, optimiser, data stream and run folder of one training run."""
 
@@ -96,7 +118,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.generator = torch.Generator().manual_seed(int(cfg.run.seed) * 7919 + self.rank)  # views, local crops
         self.step_fn = TrainStep(cfg, self.device)
-        self.start_step, self.best = 0, {"score": -1.0, "step": -1, "metric": None}
+        self.start_step, self.best = 0, restore_best(None)
         self._resume()
         if self.rank == 0:
             save_config(cfg, self.out_dir)
@@ -122,7 +144,10 @@ class Trainer:
             logger.info("train.resume=auto: no checkpoint in %s, starting from scratch", checkpoint_dir(self.out_dir))
             return
         self.start_step, extra = load_checkpoint(path, self.model, self.optimizer, self.scaler, self.generator)
-        self.best = extra.get("best", self.best)
+        self.best = restore_best(extra.get("best"))
+        if "metric" in (extra.get("best") or {}):
+            logger.info("%s holds the single best of older runs (best.pth); from here best_cam.pth and best_seg.pth "
+                        "each keep their own metric's best", path.name)  # fmt: skip
         logger.info("resumed from %s at step %d", path, self.start_step)
 
     def _log_setup(self) -> None:
@@ -198,19 +223,25 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _validate(self, step: int) -> None:
+    def _validate(self, done: int) -> None:
+        """Validate after ``done`` steps; write ``best_cam.pth`` / ``best_seg.pth`` when that metric's best improves."""
         results, overlays = validate(self.model, self.val_set, self.cfg, self.device)
-        metric = "seg_miou" if heads_in_use(self.cfg, step)["decoder"] else "cam_miou"
-        self.metrics.log(step, results, kind="val")
+        self.metrics.log(done, results, kind="val")
         for index, image in enumerate(overlays):
-            self.metrics.log_image(step, f"val/{index}", image)
-        logger.info("step %d validation: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
-        if results[metric] > self.best["score"]:
-            self.best = {"score": results[metric], "step": step, "metric": metric}
-            self._checkpoint(step, ["best.pth"])
-            logger.info("new best %s %.4f at step %d", metric, results[metric], step)
+            self.metrics.log_image(done, f"val/{index}", image)
+        logger.info("step %d validation: %s", done, "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        # The step just trained is done - 1; heads_in_use(cfg, done) is the phase of the next step, which would score
+        # a decoder that has not been trained yet.
+        tracked = ["cam_miou", "seg_miou"] if heads_in_use(self.cfg, done - 1)["decoder"] else ["cam_miou"]
+        improved = [metric for metric in tracked if results[metric] > self.best[metric]["score"]]
+        for metric in improved:  # results are all-reduced: every rank takes the same branch (_checkpoint is collective)
+            self.best[metric] = {"score": float(results[metric]), "step": done}
+            logger.info("new best %s %.4f at step %d (%s)", metric, results[metric], done, BEST_FILES[metric])
+        if improved:
+            self._checkpoint(done, [BEST_FILES[metric] for metric in improved])
 
-    def fit(self) -> dict:
+    def fit(self) -> dict[str, dict[str, Any]]:
+        """Train to ``train.max_iters`` (or ``train.stop_iter``); returns the per-metric best (:func:`restore_best`)."""
         tc = self.cfg.train
         max_iters, accum = int(tc.max_iters), int(tc.accum_steps)
         # the schedule always spans max_iters; stop_iter only ends this invocation early (resume continues it)
@@ -275,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg)
         best = trainer.fit()
-        if dist.is_main_process() and best["step"] >= 0:
-            logger.info("best %s %.4f at step %d", best["metric"], best["score"], best["step"])
+        for metric, entry in best.items():
+            if dist.is_main_process() and entry["step"] >= 0:
+                logger.info("best %s %.4f at step %d (%s)", metric, entry["score"], entry["step"], BEST_FILES[metric])
         return 0
     except TrainingDiverged as err:
         logger.error("%s", err)

@@ -5,10 +5,12 @@ Shared by ``tools/train.py`` and the tests. The step reads its constants from th
 
 Order of work in a step (each part only when a term needs it — weight 0 or before its start ⇒ not computed):
 
-1. no-grad multi-scale CAM and CAM_aux of the main crop (§2.1), class-masked;
-2. one forward per distinct input size over all views of that size — main crop, SMCM rotation, G1 and G2 share
-   the crop size, so they run as one batch; the SMCM rescaled view, the SMCM quadrants and the local crops each run
-   as one batch;
+0. the main view: by default the augmented global view G1 of the crop (``views.main=g1``, SPEC §3; its flip also
+   mirrors ``img_box``), or the clean crop (``views.main=clean``, G1 then built separately for CTC);
+1. no-grad multi-scale CAM and CAM_aux of the main view (§2.1), class-masked, in fp32 unless ``cam.precision=train``;
+2. one forward per distinct input size over all views of that size — main view, SMCM rotation and G2 (and G1 when
+   main is clean) share the crop size, so they run as one batch; the SMCM rescaled view, the SMCM quadrants and the
+   local crops each run as one batch;
 3. loss terms; ``losses.combine`` sums them once with their weights.
 """
 
@@ -46,13 +48,22 @@ from utils import dist
 from utils.checkpoint import unwrap
 from utils.inference import autocast, predict_seg_logits
 from utils.metrics import ConfusionMatrix, cam_to_label
-from utils.views import PhotometricAugment
+from utils.views import PhotometricAugment, flip_boxes
 from utils.visualize import cam_heatmap, overlay, side_by_side
 
 # Terms that train a head of their own; the head is frozen while none of its terms is active (docs/design.md).
 HEAD_TERMS = {"decoder": ("seg", "reg"), "proj_head": ("ctc",)}
 # Terms that need the no-grad multi-scale CAMs of the main crop.
 CAM_TERMS = ("ptc", "ctc", "smc", "mem", "seg", "reg")
+MAIN_VIEWS = ("g1", "clean")
+CAM_PRECISIONS = ("fp32", "train")
+
+
+def label_cam_precision(cam_precision: str, train_precision: str) -> str:
+    """Precision of the CAMs that are thresholded into labels (SPEC §8): fp32, or train.precision on request."""
+    if cam_precision not in CAM_PRECISIONS:
+        raise ValueError(f"cam.precision must be one of {CAM_PRECISIONS}, got {cam_precision!r}")
+    return str(train_precision) if cam_precision == "train" else "fp32"
 
 
 def _augment(node: Mapping) -> PhotometricAugment:
@@ -119,6 +130,10 @@ class TrainStep:
         self.ignore = int(cfg.data.ignore_index)
         self.high, self.low, self.bkg = float(cfg.cam.high_thre), float(cfg.cam.low_thre), float(cfg.cam.bkg_thre)
         self.g1, self.g2 = _augment(cfg.views.g1), _augment(cfg.views.g2)
+        if cfg.views.main not in MAIN_VIEWS:
+            raise ValueError(f"views.main must be one of {MAIN_VIEWS}, got {cfg.views.main!r}")
+        self.main_is_g1 = cfg.views.main == "g1"
+        self.cam_precision = label_cam_precision(str(cfg.cam.precision), str(cfg.train.precision))
         # The local source must stay in the frame of the ROI map its crops are placed on, so it is not flipped;
         # each cut crop is flipped on its own instead (with the configured probability).
         self.local = dataclasses.replace(_augment(cfg.views.local), flip_p=0.0)
@@ -128,14 +143,18 @@ class TrainStep:
             {
                 "cls": MultiLabelSoftMargin(),
                 "ptc": PatchTokenContrast(),
-                "ctc": ClassTokenContrast(float(cfg.loss.ctc_temp)),
-                "smc": MultiViewContrast(),
+                "ctc": ClassTokenContrast(float(cfg.loss.ctc_temp), normalize=bool(cfg.loss.ctc_normalize)),
+                "smc": MultiViewContrast(reduction=str(cfg.loss.smc_reduction)),
                 "mem": MemoryContrast(self.high, self.low, self.ignore),
                 "seg": BalancedCrossEntropy(self.ignore),
-                "reg": EnergyLoss(int(cfg.loss.reg_kernel_radius), float(cfg.loss.reg_sigma_xy),
-                                  float(cfg.loss.reg_sigma_rgb)),
+                "reg": EnergyLoss(mode=str(cfg.loss.reg_mode), sigma_xy=float(cfg.loss.reg_sigma_xy),
+                                  sigma_rgb=float(cfg.loss.reg_sigma_rgb),
+                                  inner_weight=float(cfg.loss.reg_inner_weight),
+                                  kernel_radius=int(cfg.loss.reg_kernel_radius)),
             }
         )  # fmt: skip
+        # The published dense energy sees the image nearest-downsampled; the window variant kept its bilinear input.
+        self.reg_image_mode = "nearest" if cfg.loss.reg_mode == "dense" else "bilinear"
         if cfg.train.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
 
@@ -151,17 +170,25 @@ class TrainStep:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         active = set(self.active(step))
         bare = unwrap(model)
-        images01 = batch["img"].float() / 255.0  # [B, 3, S, S]
+        crop01 = batch["img"].float() / 255.0  # [B, 3, S, S] the clean crop
         labels = batch["label"].float()  # [B, C_fg]
         box = batch["img_box"]  # [B, 4]
         size = (self.crop, self.crop)
-        x = normalize(batch["img"])  # from uint8: no range check, so no device synchronisation
+        if self.main_is_g1:
+            # main = G1 (SPEC §3): every main-view computation sees this augmented view. Its flip mirrors img_box and
+            # the clean crop, which stays in the main frame as the local source.
+            images01, flipped = self.g1(crop01, generator)
+            box = flip_boxes(box, flipped, self.crop)
+            crop01 = torch.where(flipped[:, None, None, None], crop01.flip(-1), crop01)
+        else:
+            images01 = crop01
+        x = normalize(images01, check_range=False)  # [0, 1] by construction: no range check, no device sync
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
 
         need_cams = bool(active & set(CAM_TERMS)) or self.cfg.loss.weight.mem > 0
         if need_cams:
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), autocast(self.device, self.cam_precision):
                 cam, cam_aux = camlib.multiscale_cam(bare, x, tuple(self.cfg.cam.scales), int(self.cfg.cam.max_batch))
             mask = labels[:, :, None, None]
             cam, cam_aux = cam.float() * mask, cam_aux.float() * mask  # [B, C_fg, S, S] in [0, 1]
@@ -171,9 +198,11 @@ class TrainStep:
             smcm = camlib.smcm_views(x, float(self.cfg.views.smcm.scale), bare.patch_size)
             views.update({f"smcm_{name}": view for name, view in smcm.items()})
         if "ctc" in active:
-            g1, _ = self.g1(images01, generator)
+            if not self.main_is_g1:
+                g1, _ = self.g1(images01, generator)
+                views["g1"] = normalize(g1, check_range=False)
             g2, _ = self.g2(batch["g2"].float() / 255.0, generator)
-            source, _ = self.local(images01, generator)
+            source, _ = self.local(crop01, generator)
             roi = camlib.roi_map(cam_aux, self.high, self.low)
             # Centres are drawn where ROI <= 1; marking the zero padding 2 keeps local crops on the image.
             roi = torch.where(camlib.box_mask(box, size, size), roi, torch.full_like(roi, 2))
@@ -184,7 +213,7 @@ class TrainStep:
             crops = camlib.cut_crops(source, tops, int(local_cfg.size))  # [B·n, 3, size, size]
             flip = torch.rand(crops.shape[0], generator=generator) < self.local_flip_p
             crops = torch.where(flip.to(crops.device)[:, None, None, None], crops.flip(-1), crops)
-            views.update(g1=normalize(g1), g2=normalize(g2), local=normalize(crops))
+            views.update(g2=normalize(g2, check_range=False), local=normalize(crops, check_range=False))
 
         with self.autocast():
             outs = forward_grouped(model, views, with_seg="main" if active & {"seg", "reg"} else None)
@@ -222,7 +251,8 @@ class TrainStep:
     def _ctc(self, bare: nn.Module, outs: Mapping[str, MSFCOutput], negative: torch.Tensor) -> torch.Tensor:
         """Class-token contrast (§4.3): student = all 10 views, teacher = the 2 global views (detached)."""
         batch, num_local = negative.shape
-        global_tokens = torch.cat([outs["g1"].cls_token, outs["g2"].cls_token])  # [2B, D], view-major
+        first = outs["main"] if self.main_is_g1 else outs["g1"]  # main = G1: encoded once
+        global_tokens = torch.cat([first.cls_token, outs["g2"].cls_token])  # [2B, D], view-major
         student_global = bare.project(global_tokens).float().view(2, batch, -1).transpose(0, 1)  # [B, 2, K]
         student_local = bare.project(outs["local"].cls_token).float().view(batch, num_local, -1)  # [B, n, K]
         teacher = bare.project_teacher(global_tokens.detach()).float().view(2, batch, -1).transpose(0, 1)
@@ -254,7 +284,8 @@ class TrainStep:
         if "reg" in active:
             half = (self.crop // 2, self.crop // 2)
             prob = F.interpolate(logits, size=half, mode="bilinear", align_corners=False).softmax(dim=1)
-            image = F.interpolate(images01, size=half, mode="bilinear", align_corners=False) * 255.0
+            corners = None if self.reg_image_mode == "nearest" else False
+            image = F.interpolate(images01, size=half, mode=self.reg_image_mode, align_corners=corners) * 255.0
             valid = camlib.box_mask(box, half, (self.crop, self.crop))
             ignored = (F.interpolate(target[:, None].float(), size=half, mode="nearest")[:, 0] == self.ignore) & valid
             terms["reg"] = self.losses["reg"](prob, image, valid, ignored)
@@ -294,7 +325,7 @@ def validate(
             labels[name] = cam_to_label(kept, (present + 1).numpy(), float(cfg.cam.bkg_thre), shape)
             matrices[name].update(labels[name], gt)
         logits = predict_seg_logits(bare, image, tuple(ev.scales), bool(ev.flip), ev.flip_fusion, ev.scale_fusion,
-                                    ev.resize)  # fmt: skip
+                                    ev.resize, resize_mode=str(ev.resize_mode))  # fmt: skip
         prediction = logits[0].argmax(0).cpu().numpy().astype(np.uint8)
         matrices["seg"].update(prediction, gt)
         if dist.is_main_process() and len(overlays) < int(cfg.train.num_vis):

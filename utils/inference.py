@@ -11,6 +11,7 @@ from torch import nn
 from models import normalize
 
 FUSIONS = ("sum", "mean", "max")
+RESIZE_MODES = ("long_side", "square")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -50,6 +51,33 @@ def resize_long_side(images: torch.Tensor, long_side: int | None) -> torch.Tenso
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
+def check_resize_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`RESIZE_MODES`, else a ValueError naming ``eval.resize_mode``."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"eval.resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    return mode
+
+
+def resize_for_inference(images: torch.Tensor, resize: int | None, mode: str) -> torch.Tensor:
+    """The first resize of segmentation inference (``eval.resize`` / ``eval.resize_mode``, SPEC §5.2).
+
+    Args:
+        images: ``[B, 3, H, W]`` float.
+        resize: target size; None = full resolution (whatever ``mode``).
+        mode: ``long_side`` = max(H, W) becomes ``resize``, aspect kept; ``square`` = ``resize`` x ``resize``
+            (published COCO inference: the aspect ratio is not kept).
+
+    Returns:
+        ``[B, 3, H', W']`` bilinear (``align_corners=False``) resize of ``images``.
+    """
+    check_resize_mode(mode)
+    if resize is None:
+        return images
+    if mode == "long_side":
+        return resize_long_side(images, resize)
+    return F.interpolate(images, size=(int(resize), int(resize)), mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def predict_seg_logits(
     model: nn.Module,
@@ -59,6 +87,8 @@ def predict_seg_logits(
     flip_fusion: str = "sum",
     scale_fusion: str = "max",
     resize: int | None = None,
+    *,
+    resize_mode: str = "long_side",
 ) -> torch.Tensor:
     """Multi-scale (+ flip) segmentation logits at the input resolution.
 
@@ -67,15 +97,18 @@ def predict_seg_logits(
         images: ``[B, 3, H, W]`` uint8 or float in [0, 1].
         scales: resize factors, applied after ``resize``.
         flip: also run each scale's horizontal flip (one batch with the original).
-        flip_fusion / scale_fusion: ``sum`` | ``mean`` | ``max`` (SPEC §5.2; VOC: sum over flips, max over scales).
-        resize: resize the long side to this first (COCO: 448); None = full resolution.
+        flip_fusion / scale_fusion: ``sum`` | ``mean`` | ``max`` (SPEC §5.2; VOC: sum over flips, max over scales;
+            COCO: max over flips, sum over scales).
+        resize: resize to this first (COCO: 448); None = full resolution.
+        resize_mode: how ``resize`` applies: ``long_side`` (max(H, W) -> resize) | ``square`` (resize x resize,
+            published COCO); see :func:`resize_for_inference`.
 
     Returns:
         ``[B, C, H, W]`` float32 logits, fused over flips then scales, upsampled to the input size.
     """
     height, width = images.shape[-2:]
     # Normalise once, then resize: bilinear resizing commutes with the per-channel affine normalisation.
-    base = resize_long_side(normalize(images), resize)
+    base = resize_for_inference(normalize(images), resize, resize_mode)
     patch = model.patch_size
     per_scale = []
     for scale in scales:

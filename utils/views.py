@@ -70,3 +70,18 @@ class PhotometricAugment:
             raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images01.shape)}")
         views, flips = zip(*(self._one(image, generator) for image in images01.float()), strict=True)
         return torch.stack(views), torch.tensor(flips, dtype=torch.bool, device=images01.device)
+
+
+def flip_boxes(boxes: torch.Tensor, flipped: torch.Tensor, width: int) -> torch.Tensor:
+    """Mirror ``img_box`` rows whose image was flipped horizontally.
+
+    Args:
+        boxes: ``[B, 4]`` int64 ``(y0, y1, x0, x1)``, end-exclusive, in pixels of an image ``width`` wide.
+        flipped: ``[B]`` bool, True where the image was flipped.
+        width: the image width W.
+
+    Returns:
+        ``[B, 4]``: flipped rows become ``(y0, y1, W − x1, W − x0)``, the others are unchanged.
+    """
+    mirrored = torch.stack([boxes[:, 0], boxes[:, 1], width - boxes[:, 3], width - boxes[:, 2]], dim=1)
+    return torch.where(flipped.to(boxes.device)[:, None], mirrored, boxes)
