@@ -5,5 +5,14 @@
 # number). The run's config.yaml carries the VOC settings (full resolution, scales 1.0/1.25/1.5 + flip); stages in
 # scripts/infer_pipeline.sh (eval.cam_split / eval.split / eval.checkpoint), GPUs and machines in scripts/launch.sh.
 # Usage: NGPUS=2 ./infer_run_VOC.sh runs/voc [key=value ...]
+#   Runs from any folder; --help adds the stages (scripts/infer_pipeline.sh) and the launcher's variables.
 set -euo pipefail
-exec "$(dirname "$0")/scripts/infer_pipeline.sh" "$@"
+here="$(dirname "${BASH_SOURCE[0]}")"
+for arg in "$@"; do
+    if [[ "${arg}" == -h || "${arg}" == --help ]]; then
+        sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+        echo
+        exec "${here}/scripts/infer_pipeline.sh" --help
+    fi
+done
+exec "${here}/scripts/infer_pipeline.sh" "$@"

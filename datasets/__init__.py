@@ -24,7 +24,7 @@ __all__ = ["LAYOUTS", "Layout", "SegmentationDataset", "TrainTransform", "build_
 
 @contextlib.contextmanager
 def _main_process_first() -> Iterator[None]:
-    """Rank 0 runs the block first (deriving lists and labels, writing the cache); the others then read the cache.
+    """Rank 0 runs the block first (reading labels, writing the cache); the others then find the cache written.
 
     If rank 0 fails, torchrun tears the group down, so the waiting ranks do not hang.
     """
@@ -50,7 +50,7 @@ def build_dataset(cfg: DictConfig, split: str, mode: str) -> SegmentationDataset
     inference, which upsamples its prediction back (``utils.inference.predict_seg_logits``).
 
     Reads ``data.*``, ``views.g2.scale`` and ``run.out_dir`` (for the cache). Under torchrun every
-    rank must call it (rank 0 builds the cache first, behind a barrier); ranks then share the cached lists and labels.
+    rank must call it (rank 0 builds the label cache first, behind a barrier); the other ranks then reuse its entries.
     """
     data = cfg.data
     if data.name not in LAYOUTS:

@@ -5,10 +5,14 @@ annotations; VOC and COCO differ only by theirs (``datasets/voc.py``, ``datasets
 checking the tree to building training crops, is this file.
 
 Split ids come from ``<list_dir>/<split>.txt`` when a list folder is given, else from the layout's own list file,
-else they are derived from disk by the layout. Image labels come from the layout's label file when it has one (COCO:
-the categories of the instances JSON, written by ``tools/prepare_coco.py``), else from the masks (unique values minus
-0 and 255) or, where a layout has annotations and an image has no mask, from its XML. Derived lists and mask / XML
-labels are cached as JSON in a run-side folder, never inside the dataset; a label file is read as it is, never cached.
+else they are derived from disk by the layout (afresh on every construction: one folder scan, which finding the masks
+costs anyway, so a finished download or an added mask is always seen). A list with an id twice is an error.
+
+Image labels come from the layout's label file when it has one (COCO: the categories of the instances JSON, written
+by ``tools/prepare_coco.py``), else from the masks (unique values minus 0 and 255) or, where a layout has annotations
+and an image has no mask, from its XML. Mask / XML labels are cached as JSON in a run-side folder, never inside the
+dataset, each next to the size, mtime and ctime of the file it was read from, so a rewritten, added or removed mask
+is re-read and an unchanged tree costs one ``stat`` per image; a label file is read as it is, never cached.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,17 +35,22 @@ from tqdm import tqdm
 
 from datasets.transforms import TrainTransform, to_chw_tensor
 from utils.dist import is_main_process
-from utils.io import atomic_write_text, read_image, read_label_png
+from utils.io import atomic_write_text, probe_image, read_image, read_label_png
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-CACHE_VERSION = 1
+# 2: one entry per image with the stat of its source file; derived ids are no longer cached.
+CACHE_VERSION = 2
 MODES = ("train", "eval")
+CHECK_MODES = ("header", "full")
 # Below this many masks a process pool costs more than it saves.
 PARALLEL_MIN_FILES = 512
 # How many offending ids an error message lists before summarising the rest as a count.
 SHOW_IDS = 5
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 
 def preview_ids(ids: Sequence[str]) -> str:
@@ -129,15 +138,30 @@ def read_id_list(path: Path) -> list[str]:
 
     Only the first column counts, and a path-like first column (``/JPEGImages/x.jpg /SegmentationClassAug/x.png``,
     as DeepLab-style lists write it) is reduced to its stem, so common list formats all work.
+
+    Raises:
+        ValueError: an id is listed more than once (it would count twice in every metric); the message names the
+            file, the first duplicated ids and their line numbers.
     """
     ids = []
+    lines: dict[str, list[int]] = {}
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:
                 continue
             token = fields[0]
-            ids.append(Path(token).stem if ("/" in token or "." in token) else token)
+            name = Path(token).stem if ("/" in token or "." in token) else token
+            ids.append(name)
+            lines.setdefault(name, []).append(number)
+    repeated = [(name, numbers) for name, numbers in lines.items() if len(numbers) > 1]
+    if repeated:
+        shown = "; ".join(f"{name} (lines {', '.join(map(str, numbers))})" for name, numbers in repeated[:SHOW_IDS])
+        more = f"; ... ({len(repeated)} ids in all)" if len(repeated) > SHOW_IDS else ""
+        raise ValueError(
+            f"split list {path} lists {len(repeated)} id(s) more than once: {shown}{more}; each id must appear once "
+            "(a repeated image counts twice in mIoU and is drawn twice as often in training)"
+        )
     return ids
 
 
@@ -200,28 +224,65 @@ def xml_classes(path: str | os.PathLike, class_names: Sequence[str]) -> list[int
     return sorted(found)
 
 
-def _map_with_progress(fn: Callable[[Path], list[int]], paths: list[Path], workers: int, desc: str) -> list[list[int]]:
-    """``[fn(p) for p in paths]`` with a tqdm bar, over a process pool when the list is long."""
-    bar = partial(tqdm, total=len(paths), desc=desc, unit="file", disable=not is_main_process(), mininterval=1.0)
-    if workers <= 1 or len(paths) < PARALLEL_MIN_FILES:
-        return [fn(p) for p in bar(paths)]
+def _map_with_progress(fn: Callable[[_In], _Out], items: list[_In], workers: int, desc: str) -> list[_Out]:
+    """``[fn(x) for x in items]`` with a tqdm bar, over a process pool when the list is long."""
+    bar = partial(tqdm, total=len(items), desc=desc, unit="file", disable=not is_main_process(), mininterval=1.0)
+    if workers <= 1 or len(items) < PARALLEL_MIN_FILES:
+        return [fn(x) for x in bar(items)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         # Chunks amortise the pickling of tiny tasks; results come back in order.
-        return list(bar(pool.map(fn, paths, chunksize=64)))
+        return list(bar(pool.map(fn, items, chunksize=64)))
+
+
+def file_stamp(path: Path) -> list[int]:
+    """``[size, mtime_ns, ctime_ns]`` of a file: what a label cache entry must match to be reused.
+
+    The ctime changes on every rewrite even when a copy tool restores the old mtime (``rsync -t``, ``tar``), so a
+    replaced mask with the same size and mtime is still re-read.
+    """
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def pair_problems(pair: tuple[Path, Path | None], decode: bool) -> list[str]:
+    """Problems of one (image, mask or None) pair, read as :meth:`SegmentationDataset.check_files` describes."""
+    image_path, mask_path = pair
+    problems = []
+    try:
+        _, image_size = probe_image(image_path, decode=decode)
+    except OSError as err:
+        problems.append(str(err))
+        image_size = None
+    if mask_path is None:
+        return problems
+    try:
+        mask_mode, mask_size = probe_image(mask_path, decode=decode)
+    except OSError as err:
+        return [*problems, str(err)]
+    if mask_mode not in ("P", "L"):
+        problems.append(f"mask {mask_path} has mode {mask_mode!r}; expected a palette ('P') or grey ('L') PNG")
+    if image_size is not None and mask_size != image_size:
+        problems.append(
+            f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image_path} is "
+            f"{image_size[0]}x{image_size[1]}"
+        )
+    return problems
 
 
 class LabelCache:
-    """Derived split ids and per-image labels of one (dataset, split), stored as JSON next to the run.
+    """Per-image labels of one (dataset, split), stored as JSON next to the run, keyed on the files they came from.
 
-    The file records the absolute root, split, list source and class count; any difference means it belongs to
-    another dataset and is discarded.
+    The file records the absolute root, split and class count; any difference means it belongs to another dataset
+    (or an older format) and is discarded. Each entry holds the label's source file (relative to the root) and its
+    :func:`file_stamp`; :meth:`lookup` returns it only while both still match, so a mask that was rewritten, or that
+    appeared for an image labelled from XML, is read again. Entries of ids outside the current split are kept
+    (another ``max_images`` or list reuses them) and cost nothing, as they are only looked up by id.
     """
 
     def __init__(self, path: Path, key: dict[str, Any]) -> None:
         self.path = path
         self.key = key
-        self.ids: list[str] | None = None
-        self.labels: dict[str, list[int]] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
         self.dirty = False
         self._load()
 
@@ -237,22 +298,26 @@ class LabelCache:
         if data.get("key") != self.key:
             logger.info("dataset cache %s belongs to %s; rebuilding it for %s", self.path, data.get("key"), self.key)
             return
-        self.ids = data.get("ids")
-        self.labels = {k: list(v) for k, v in data.get("labels", {}).items()}
+        entries = data.get("labels")
+        if isinstance(entries, dict):
+            self.entries = entries
 
-    def set_ids(self, ids: list[str]) -> None:
-        self.ids = list(ids)
+    def lookup(self, name: str, source: str, stamp: list[int]) -> list[int] | None:
+        """The cached classes of ``name`` if they were read from ``source`` while it had ``stamp``, else None."""
+        entry = self.entries.get(name)
+        if not isinstance(entry, dict) or entry.get("source") != source or entry.get("stamp") != stamp:
+            return None
+        classes = entry.get("classes")
+        return list(classes) if isinstance(classes, list) else None
+
+    def store(self, name: str, source: str, stamp: list[int], classes: list[int]) -> None:
+        self.entries[name] = {"classes": list(classes), "source": source, "stamp": list(stamp)}
         self.dirty = True
-
-    def add_labels(self, labels: Mapping[str, list[int]]) -> None:
-        if labels:
-            self.labels.update(labels)
-            self.dirty = True
 
     def save(self) -> None:
         if self.dirty:
-            # Compact JSON: the COCO train cache holds 82k label lists.
-            payload = {"key": self.key, "ids": self.ids, "labels": self.labels}
+            # Compact JSON: the VOC train_aug cache holds 10k entries.
+            payload = {"key": self.key, "labels": self.entries}
             atomic_write_text(self.path, json.dumps(payload, separators=(",", ":")))
             self.dirty = False
 
@@ -272,7 +337,7 @@ class SegmentationDataset(Dataset):
         split: split name, e.g. ``train_aug`` / ``val``.
         mode: ``train`` or ``eval``.
         num_classes: classes including background (C).
-        cache_dir: folder for the derived-list / label cache.
+        cache_dir: folder for the label cache (used only by layouts without a label file).
         transform: training transform (required for ``mode="train"``).
         list_dir: folder with ``<split>.txt`` lists overriding the layout's; None = the layout's own / derived.
         max_images: keep only the first N ids; None = all.
@@ -318,14 +383,7 @@ class SegmentationDataset(Dataset):
             )
         list_source, listed = self._listed_ids(list_dir)
         self.label_path = layout.label_path(self.root, split)
-        key = {"version": CACHE_VERSION, "dataset": layout.name, "root": str(self.root), "split": split,
-               "list": list_source, "num_classes": num_classes}  # fmt: skip
-        if self.label_path is not None:
-            # Labels then come from the file, never from the cache: the extra key also discards caches written
-            # before the layout had a label file, which hold mask-derived labels (missing crowd-only classes).
-            key["labels"] = str(self.label_path)
-        cache = LabelCache(Path(cache_dir) / f"{layout.name}_{split}.json", key)
-        ids = listed if listed is not None else self._derived_ids(cache)
+        ids = listed if listed is not None else self._derived_ids()
         if not ids:
             raise ValueError(f"split {split!r} of {self.root} is empty (list: {list_source})")
         if max_images is not None:
@@ -333,8 +391,7 @@ class SegmentationDataset(Dataset):
         self.ids = ids
         self.image_paths = self._check_images(ids)
         self.mask_paths = self._find_masks(ids)
-        self.labels = self._labels(ids, cache, workers)
-        cache.save()
+        self.labels = self._labels(ids, Path(cache_dir), workers)
         self.has_masks = self._check_mask_coverage()
 
     # ------------------------------------------------------------------ construction helpers
@@ -363,9 +420,7 @@ class SegmentationDataset(Dataset):
             return str(path), read_id_list(path)
         return "derived", None
 
-    def _derived_ids(self, cache: LabelCache) -> list[str]:
-        if cache.ids is not None:
-            return cache.ids
+    def _derived_ids(self) -> list[str]:
         derived = None if self.layout.derive_ids is None else self.layout.derive_ids(self.layout, self.root, self.split)
         if derived is None:
             raise FileNotFoundError(
@@ -374,7 +429,6 @@ class SegmentationDataset(Dataset):
                 f"{self.split}.txt"
             )
         logger.info("derived %d ids for %s split %s from disk", len(derived), self.layout.name, self.split)
-        cache.set_ids(derived)
         return derived
 
     def _check_images(self, ids: list[str]) -> list[Path]:
@@ -395,14 +449,15 @@ class SegmentationDataset(Dataset):
                 found.setdefault(i, folder / f"{i}.png")
         return [found.get(i) for i in ids]
 
-    def _labels(self, ids: list[str], cache: LabelCache, workers: int) -> np.ndarray:
+    def _labels(self, ids: list[str], cache_dir: Path, workers: int) -> np.ndarray:
         """``[N, C_fg]`` float32 multi-hot labels: from the layout's label file, else from masks / XML (cached)."""
         if self.label_path is not None:
+            # Labels come from the file, never from a cache (a cache of mask labels would lose crowd-only classes).
             hint = self.layout.label_hint.format(root=self.root)
             known = read_label_file(self.label_path, self.num_classes, hint)
             missing_from = f"no entry in the label file {self.label_path}"
         else:
-            known = self._derived_labels(ids, cache, workers)
+            known = self._derived_labels(ids, cache_dir, workers)
             xml_dir = self.layout.annotation_folder(self.root)
             annotations = "" if xml_dir is None else f" or annotation {xml_dir}/<id>.xml"
             folders = [str(d) for d in self.layout.mask_folders(self.root, self.split)]
@@ -421,22 +476,60 @@ class SegmentationDataset(Dataset):
                 labels[row, c - 1] = 1.0
         return labels
 
-    def _derived_labels(self, ids: list[str], cache: LabelCache, workers: int) -> Mapping[str, list[int]]:
-        """Labels from masks (else XML) for every id that has one; unknown ones are derived and added to the cache."""
-        todo = [(i, m) for i, m in zip(ids, self.mask_paths, strict=True) if i not in cache.labels]
-        from_masks = [(i, m) for i, m in todo if m is not None]
-        if from_masks:
+    def _label_sources(self, ids: list[str]) -> list[Path | None]:
+        """Per id, the file its label is derived from: its mask, else its annotation XML, else None."""
+        xml_dir = self.layout.annotation_folder(self.root)
+        if xml_dir is None:
+            return list(self.mask_paths)
+        with_xml = scan_ids(xml_dir, ".xml")
+        return [
+            mask if mask is not None else (xml_dir / f"{i}.xml" if i in with_xml else None)
+            for i, mask in zip(ids, self.mask_paths, strict=True)
+        ]
+
+    def _derived_labels(self, ids: list[str], cache_dir: Path, workers: int) -> dict[str, list[int]]:
+        """Labels from masks (else XML) for every id that has one, reusing cache entries whose source is unchanged."""
+        key = {"version": CACHE_VERSION, "dataset": self.layout.name, "root": str(self.root), "split": self.split,
+               "num_classes": self.num_classes}  # fmt: skip
+        cache = LabelCache(cache_dir / f"{self.layout.name}_{self.split}.json", key)
+        known: dict[str, list[int]] = {}
+        masks: list[tuple[str, Path, str, list[int]]] = []
+        xmls: list[tuple[str, Path, str, list[int]]] = []
+        from_xml = 0
+        for i, source in zip(ids, self._label_sources(ids), strict=True):
+            if source is None:
+                continue
+            from_xml += source.suffix == ".xml"
+            # Stat before reading: a file rewritten in between is stored under its old stamp, so it is read again.
+            stamp, relative = file_stamp(source), source.relative_to(self.root).as_posix()
+            classes = cache.lookup(i, relative, stamp)
+            if classes is not None:
+                known[i] = classes
+            else:
+                (masks if source.suffix == ".png" else xmls).append((i, source, relative, stamp))
+        if masks:
             fn = partial(mask_classes, num_classes=self.num_classes)
             desc = f"labels from {self.layout.name} {self.split} masks"
-            classes = _map_with_progress(fn, [m for _, m in from_masks], workers, desc)
-            cache.add_labels({i: c for (i, _), c in zip(from_masks, classes, strict=True)})
-        xml_dir = self.layout.annotation_folder(self.root)
-        no_mask = [i for i, m in todo if m is None]
-        if no_mask and xml_dir is not None:
-            names = self.layout.class_names[: self.num_classes]
-            with_xml = [i for i in no_mask if (xml_dir / f"{i}.xml").is_file()]
-            cache.add_labels({i: xml_classes(xml_dir / f"{i}.xml", names) for i in with_xml})
-        return cache.labels
+            for (i, _, relative, stamp), classes in zip(
+                masks, _map_with_progress(fn, [m for _, m, _, _ in masks], workers, desc), strict=True
+            ):
+                cache.store(i, relative, stamp, classes)
+                known[i] = classes
+        names = self.layout.class_names[: self.num_classes]
+        for i, source, relative, stamp in xmls:
+            known[i] = xml_classes(source, names)
+            cache.store(i, relative, stamp, known[i])
+        cache.save()
+        if from_xml and self.mode == "train":
+            # XML names every annotated object, a mask only the segmented ones, so the sources can disagree; a missing
+            # SegmentationClassAug silently switches most of train_aug to XML, which must not go unnoticed.
+            logger.warning(
+                "%d of %d training images of split %s have no mask in %s, so their image labels come from their "
+                "annotation XML in %s",
+                from_xml, len(ids), self.split, [str(d) for d in self.layout.mask_folders(self.root, self.split)],
+                self.layout.annotation_folder(self.root),
+            )  # fmt: skip
+        return known
 
     def _check_mask_coverage(self) -> bool:
         """Whether eval items carry masks; a split where only some images have one is a broken download."""
@@ -447,6 +540,32 @@ class SegmentationDataset(Dataset):
                 f"{[str(d) for d in self.layout.mask_folders(self.root, self.split)]}: {preview_ids(missing)}"
             )
         return not missing
+
+    def check_files(self, mode: str = "header", workers: int = 0) -> list[str]:
+        """Check every image and mask of the split and describe each problem found; ``[]`` means all are readable.
+
+        ``mode="header"`` opens each file with PIL without decoding pixels (about a millisecond a file, cheap enough
+        for start-up): it finds files that are missing, empty, not images or truncated inside the header, masks that
+        are not palette / grey PNGs, and masks whose size differs from their image's. ``mode="full"`` also verifies
+        and decodes every pixel, which finds truncated or corrupt image data too, at the cost of reading each file
+        fully. Mask values are not checked here: an item checks them when it reads its mask, and labels taken from
+        masks check them at construction.
+
+        Args:
+            mode: ``header`` or ``full``.
+            workers: processes to check with (used from PARALLEL_MIN_FILES files up).
+
+        Returns:
+            One readable string per problem, naming the file(s): ``cannot read the header of image file <path> (...):
+            <PIL error>``, ``mask <path> has mode 'RGB'; expected ...``, ``mask <path> is WxH (WxH) but its image
+            <path> is WxH``. Ordered by split id; an id may contribute several.
+        """
+        if mode not in CHECK_MODES:
+            raise ValueError(f"check_files mode must be one of {CHECK_MODES}, got {mode!r}")
+        pairs = list(zip(self.image_paths, self.mask_paths, strict=True))
+        fn = partial(pair_problems, decode=mode == "full")
+        desc = f"checking {self.layout.name} {self.split} files ({mode})"
+        return [problem for found in _map_with_progress(fn, pairs, workers, desc) for problem in found]
 
     # ------------------------------------------------------------------ items
 

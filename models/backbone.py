@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import types
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+
+from utils.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +294,8 @@ def load_backbone_weights(vit: nn.Module, path: str | Path, *, arch: str) -> Non
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: unknown suffix, unreadable file, or keys / shapes that do not match the architecture.
+        InputError (a ValueError): unknown suffix, unreadable file, or keys / shapes that do not match the
+            architecture; the message names the file and what was expected.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -305,22 +309,30 @@ def load_backbone_weights(vit: nn.Module, path: str | Path, *, arch: str) -> Non
         _check_state_dict(state, vit, path, arch)
         vit.load_state_dict(state, strict=True)
     else:
-        raise ValueError(
-            f"backbone weights {path}: unknown suffix {suffix!r}; expected .pth, .pt, .npz or .safetensors"
+        raise InputError(
+            f"backbone weights {path}: unknown suffix {suffix!r}; expected .pth, .pt, .bin, .npz or .safetensors"
         )
     logger.info("loaded backbone weights for %s from %s", arch, path)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return dict(load_file(str(path), device="cpu"))
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except (SafetensorError, OSError, ValueError) as err:  # the library's messages name no file
+            raise InputError(
+                f"backbone weights {path}: cannot be read as a .safetensors file ({err}); expected a safetensors "
+                "file of tensors (e.g. written by safetensors.torch.save_file), not a truncated download or another "
+                "format"
+            ) from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         # weights_only refuses pickled Python objects (e.g. saved argparse namespaces) for safety.
-        raise ValueError(
+        raise InputError(
             f"backbone weights {path}: cannot be read as a tensors-only PyTorch checkpoint ({err}); "
             "re-save just its state dict with torch.save(state_dict, path)"
         ) from err
@@ -330,7 +342,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(
+        raise InputError(
             f"backbone weights {path}: expected a state dict (bare or under 'model' / 'state_dict'), got {type(obj)}"
         )
     return dict(obj)
@@ -382,7 +394,7 @@ def _check_state_dict(state: dict[str, torch.Tensor], vit: nn.Module, path: Path
         if k in state and state[k].shape != v.shape
     )
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise InputError(
             f"backbone weights {path} do not match architecture {arch}: "
             f"missing keys {_listed(missing)}; unexpected keys {_listed(unexpected)}; "
             f"shape mismatches (file vs model) {_listed(mismatched)}"
@@ -394,16 +406,22 @@ def _load_npz(vit: nn.Module, path: Path, arch: str) -> None:
     import numpy as np
 
     if not hasattr(vit, "load_pretrained"):
-        raise ValueError(f"backbone weights {path}: {arch} has no .npz loader in timm; use .pth or .safetensors")
-    with np.load(path, allow_pickle=False) as archive:
-        blocks = {int(m.group(1)) for k in archive.files if (m := re.search(r"encoderblock_(\d+)/", k))}
+        raise InputError(f"backbone weights {path}: {arch} has no .npz loader in timm; use .pth or .safetensors")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            blocks = {int(m.group(1)) for k in archive.files if (m := re.search(r"encoderblock_(\d+)/", k))}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:  # numpy's messages name no file
+        raise InputError(
+            f"backbone weights {path}: cannot be read as an .npz archive ({err}); expected an original Google ViT "
+            ".npz checkpoint"
+        ) from err
     depth = len(vit.blocks)
     # timm's converter reads the blocks the model has and ignores the rest, so a deeper file would load silently.
     if blocks and len(blocks) != depth:
-        raise ValueError(f"backbone weights {path} have {len(blocks)} encoder blocks, architecture {arch} has {depth}")
+        raise InputError(f"backbone weights {path} have {len(blocks)} encoder blocks, architecture {arch} has {depth}")
     try:
         vit.load_pretrained(str(path))
     except KeyError as err:
-        raise ValueError(f"backbone weights {path} do not match architecture {arch}: missing key {err}") from err
+        raise InputError(f"backbone weights {path} do not match architecture {arch}: missing key {err}") from err
     except RuntimeError as err:
-        raise ValueError(f"backbone weights {path} do not match architecture {arch}: {err}") from err
+        raise InputError(f"backbone weights {path} do not match architecture {arch}: {err}") from err

@@ -7,9 +7,20 @@
 # Usage: NGPUS=2 scripts/infer_pipeline.sh RUN_DIR [key=value ...]    (each key=value reaches every stage)
 #   eval.split=S moves the segmentation stages only and eval.cam_split=S the CAM and pseudo-label stages (the CAM
 #   stages are given eval.split=<cam split>); eval.checkpoint=last (the final checkpoint) | best_cam | best_seg | PATH.
+#   Runs from any folder (the repository root goes on PYTHONPATH; RUN_DIR stays relative to yours).
 set -euo pipefail
+here="$(dirname "${BASH_SOURCE[0]}")"
+launch="${here}/launch.sh"
+usage() { sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }
+for arg in "$@"; do
+    if [[ "${arg}" == -h || "${arg}" == --help ]]; then
+        usage
+        echo
+        exec "${launch}" --help
+    fi
+done
 if [[ $# -lt 1 || "$1" == *=* ]]; then
-    echo "usage: NGPUS=N $0 RUN_DIR [key=value ...]" >&2
+    usage >&2
     exit 2
 fi
 run="$1"
@@ -18,7 +29,9 @@ if [[ ! -f "${run}/config.yaml" ]]; then
     echo "$0: ${run} is not a run folder (no config.yaml); train first" >&2
     exit 2
 fi
-launch="$(dirname "$0")/launch.sh"
+root="$(cd "${here}/.." && pwd)"
+# for the python -m tools.report calls below, as in launch.sh: the repository first, never the current folder
+export PYTHONPATH="${root}${PYTHONPATH:+:${PYTHONPATH}}" PYTHONSAFEPATH=1
 splits="$(python -m tools.report --print-splits --run-dir "${run}" "$@")"
 read -r cam_split seg_split <<<"${splits}"
 echo "protocol (SPEC §8): CAMs and pseudo labels scored on ${cam_split}, segmentation on ${seg_split}"

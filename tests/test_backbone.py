@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone, denormalize, normalize
+from utils.errors import UserError
 
 TINY = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8, "img_size": 64}
 TINY_NAME = "vit_tiny_patch16_224"
@@ -186,6 +188,22 @@ def test_unknown_suffix_rejected(tmp_path: Path):
     path.write_bytes(b"x")
     with pytest.raises(ValueError, match=r"\.ckpt"):
         ViTBackbone(TINY_NAME, weights=path, **TINY)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("garbage.safetensors", r"cannot be read as a \.safetensors file \(.*header"),
+        ("garbage.npz", r"cannot be read as an \.npz archive"),
+    ],
+)
+def test_garbage_weights_file_error_names_the_file_and_what_was_expected(tmp_path: Path, name: str, expected: str):
+    """Issue #10 item 10: safetensors alone says `header too large`, with no file name."""
+    path = tmp_path / name
+    path.write_bytes(b"<html>not found</html>" * 4)  # e.g. a failed download saved under the weights' name
+    with pytest.raises(ValueError, match=rf"backbone weights {re.escape(str(path))}: {expected}") as caught:
+        ViTBackbone(TINY_NAME, weights=path, **TINY)
+    assert isinstance(caught.value, UserError)  # a tool prints it as one line, without a traceback
 
 
 def test_pos_embed_of_other_grid_is_resampled(tmp_path: Path):

@@ -5,7 +5,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from utils.config import ConfigError, load_config, load_run_config, save_config
+from utils.config import (
+    ABSENT,
+    RULES,
+    ConfigError,
+    _schema,
+    config_changes,
+    format_changes,
+    load_config,
+    load_run_config,
+    rule_for,
+    save_config,
+)
 
 REQUIRED = ["data.root=/data/voc", "run.out_dir=/tmp/run"]
 CONFIGS = sorted(Path("configs").rglob("*.yaml"))
@@ -142,3 +153,126 @@ def test_saved_config_reloads_identically(tmp_path):
 def test_missing_run_folder_is_explained(tmp_path):
     with pytest.raises(ConfigError, match="not a run folder"):
         load_run_config(tmp_path)
+
+
+# One case per rule family; each error names the key and states the rule (and the value given).
+RULE_CASES = {
+    "positive integer": [
+        ("train.max_iters=0", "train.max_iters must be a positive integer, got 0"),
+        ("train.ckpt_every=0", "train.ckpt_every must be a positive integer, got 0"),
+        ("memory.update_every=0", "memory.update_every must be a positive integer, got 0"),
+        ("train.accum_steps=0", "train.accum_steps must be a positive integer, got 0"),
+        ("train.batch_size=0", "train.batch_size must be a positive integer, got 0"),
+        ("train.stop_iter=0", "train.stop_iter must be a positive integer, got 0"),
+        ("train.max_iters=null", "train.max_iters must be a positive integer, got null"),
+    ],
+    "non-negative integer": [
+        ("train.eval_every=-1", "train.eval_every must be a non-negative integer, got -1"),
+        ("loss.start_iter.seg=-5", "loss.start_iter.seg must be a non-negative integer, got -5"),
+        ("data.num_workers=-2", "data.num_workers must be a non-negative integer, got -2"),
+    ],
+    "number bounds": [
+        ("train.lr=-1e-4", "train.lr must be a positive number, got -0.0001"),
+        ("train.lr=0", "train.lr must be a positive number, got 0"),
+        ("loss.weight.ctc=-0.5", "loss.weight.ctc must be a non-negative number, got -0.5"),
+        ("cam.high_thre=1.5", r"cam.high_thre must be a number in \[0, 1\], got 1.5"),
+        ("views.g2.flip_p=2", r"views.g2.flip_p must be a number in \[0, 1\], got 2"),
+        ("cam.low_thre=0.9", "cam.low_thre must not exceed cam.high_thre, got 0.9 > 0.7"),
+    ],
+    "list": [
+        ("cam.scales=[]", "cam.scales must be a non-empty list of positive numbers, got \\[\\]"),
+        ("data.scale_range=[2.0, 0.5]", r"data.scale_range must be a \[low, high\] pair with 0 < low <= high"),
+        ("train.betas=[0.9, 1.0]", r"train.betas must be a \[beta1, beta2\] pair of numbers in \[0, 1\)"),
+        ("par.dilations=[1, 0]", "par.dilations must be a non-empty list of positive integers"),
+    ],
+    "choices": [
+        ("views.main=g2", r"views.main must be one of \('g1', 'clean'\), got 'g2'"),
+        ("cam.precision=fp16", r"cam.precision must be one of \('fp32', 'train'\)"),
+        ("loss.reg_mode=sparse", r"loss.reg_mode must be one of \('dense', 'window'\)"),
+        ("loss.smc_reduction=sum", r"loss.smc_reduction must be one of \('all_terms', 'group_sum'\)"),
+        ("eval.resize_mode=sqaure", r"eval\.resize_mode must be one of \('long_side', 'square'\)"),
+        ("model.pos_embed_resample=nearest", r"model.pos_embed_resample must be one of \('bicubic', 'timm'\)"),
+        ("train.precision=fp8", r"train.precision must be one of \('fp32', 'bf16', 'fp16'\)"),
+        ("eval.flip_fusion=avg", r"eval.flip_fusion must be one of \('sum', 'mean', 'max'\)"),
+        ("eval.scale_fusion=min", r"eval.scale_fusion must be one of \('sum', 'mean', 'max'\)"),
+        ("data.name=cityscapes", r"data.name must be one of \('voc', 'coco'\)"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [case for cases in RULE_CASES.values() for case in cases],
+    ids=[f"{family}: {override}" for family, cases in RULE_CASES.items() for override, _ in cases],
+)
+def test_nonsense_values_are_rejected_naming_the_key_and_the_rule(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config("configs/voc.yaml", [*REQUIRED, override])
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "expected"),
+    [
+        # patch 8 from model.backbone_kwargs.patch_size (smoke.yaml)
+        ("configs/smoke.yaml", ["data.crop_size=72"],
+         r"data.crop_size must be a multiple of 2·patch = 16 .*patch 8 from model.backbone_kwargs.patch_size.*got 72"),
+        ("configs/smoke.yaml", ["views.local.size=12"], "views.local.size must be a multiple of the patch size 8"),
+        # patch 16 parsed from the timm name: 464 is a multiple of 16 but not of 32
+        ("configs/voc.yaml", ["data.crop_size=464"],
+         r"multiple of 2·patch = 32 .*model.backbone 'vit_base_patch16_224.orig_in21k_ft_in1k'"),
+        ("configs/voc.yaml", ["views.local.size=88"], "views.local.size must be a multiple of the patch size 16"),
+        # patch_size given: it wins over the name (464 = 29 x 16)
+        ("configs/voc.yaml", ["data.crop_size=464", "model.backbone_kwargs.patch_size=8"], None),
+        # no patch in the name and none given: nothing to check against
+        ("configs/voc.yaml", ["data.crop_size=72", "model.backbone=resnet50"], None),
+    ],
+    ids=["kwargs_crop", "kwargs_local", "name_crop", "name_local", "kwargs_win", "unknown_patch"],
+)  # fmt: skip
+def test_crop_rule(config, overrides, expected):
+    if expected is None:
+        load_config(config, [*REQUIRED, *overrides])
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            load_config(config, [*REQUIRED, *overrides])
+
+
+def test_every_rule_applies_to_a_schema_key():
+    schema = _schema()
+    for pattern in RULES:
+        assert any(rule_for(key) is RULES[pattern] for key in schema), pattern
+
+
+def test_choices_agree_with_the_modules_that_read_them():
+    from datasets import LAYOUTS
+    from losses.energy import ENERGY_MODES
+    from losses.multiview import SMC_REDUCTIONS
+    from models.backbone import POS_EMBED_RESAMPLE
+    from tools.make_pseudo_labels import CAM_KEYS
+    from utils.engine import CAM_PRECISIONS, MAIN_VIEWS
+    from utils.inference import FUSIONS, RESIZE_MODES
+    from utils.pseudo_labels import SOFT_DTYPES
+
+    expected = {"views.main": MAIN_VIEWS, "cam.precision": CAM_PRECISIONS, "loss.reg_mode": ENERGY_MODES,
+                "loss.smc_reduction": SMC_REDUCTIONS, "model.pos_embed_resample": POS_EMBED_RESAMPLE,
+                "eval.resize_mode": RESIZE_MODES, "eval.flip_fusion": FUSIONS, "eval.scale_fusion": FUSIONS,
+                "data.name": tuple(LAYOUTS), "pseudo.cam_key": CAM_KEYS, "pseudo.soft_dtype": SOFT_DTYPES}  # fmt: skip
+    for key, choices in expected.items():
+        assert rule_for(key).text == f"one of {tuple(choices)}", key
+
+
+def test_resume_allow_list_names_real_keys_or_sections():
+    with pytest.raises(ConfigError, match=r"train.resume_allow_changes names 'train.lrr'.*did you mean 'train.lr'"):
+        load_config("configs/voc.yaml", [*REQUIRED, "train.resume_allow_changes=[train.lrr]"])
+    cfg = load_config("configs/voc.yaml", [*REQUIRED, "train.resume_allow_changes=[loss.weight, train.lr, "
+                                                      "model.backbone_kwargs.drop_path_rate]"])  # fmt: skip
+    assert list(cfg.train.resume_allow_changes) == ["loss.weight", "train.lr", "model.backbone_kwargs.drop_path_rate"]
+
+
+def test_config_changes_lists_every_differing_leaf():
+    saved = {"train": {"lr": 1e-4, "batch_size": 2}, "model": {"backbone_kwargs": {}}, "old": 1}
+    current = {"train": {"lr": 1e-3, "batch_size": 2}, "model": {"backbone_kwargs": {"drop_path_rate": 0.1}}}
+    changes = config_changes(saved, current)
+    assert changes == {"model.backbone_kwargs.drop_path_rate": (ABSENT, 0.1), "old": (1, ABSENT),
+                       "train.lr": (1e-4, 1e-3)}  # fmt: skip
+    assert format_changes(changes) == ("model.backbone_kwargs.drop_path_rate: (absent) -> 0.1; old: 1 -> (absent); "
+                                       "train.lr: 0.0001 -> 0.001")  # fmt: skip

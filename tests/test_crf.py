@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.processes import HAS_PROC, still_running_after
 from utils.crf import CRFPool, dense_crf
 from utils.metrics import ConfusionMatrix
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _two_region_case(seed: int, height: int = 24, width: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,3 +111,52 @@ def test_pool_errors_name_the_job() -> None:
         list(pool.imap([("broken", image.astype(np.float32), prob)]))
     with pytest.raises(RuntimeError, match="after the pool was closed"):
         next(pool.imap([("late", image, prob)]))
+
+
+DYING_OWNER = textwrap.dedent(
+    """
+    import json, os, signal, sys, threading, time
+    import numpy as np
+    import utils.crf
+    from tests.processes import cpu_ticks, descendants
+
+    if __name__ == "__main__":  # the forkserver imports this file too, as __mp_main__
+        mode, load, pid_file = sys.argv[1:]
+        if mode == "watch-only":  # a forkserver started without the lifeline: the workers' own watch must act
+            utils.crf.FORKSERVER_LIFELINE = "utils.no_such_module"
+        image, prob = np.zeros((8, 8, 3), np.uint8), np.full((2, 8, 8), 0.5, np.float32)
+        pool = utils.crf.CRFPool(2, iters=1)
+        list(pool.imap([("a", image, prob), ("b", image, prob)]))  # both workers are up
+        levels = descendants(os.getpid())  # [forkserver, resource tracker], [the forkserver's children: workers]
+        if load == "busy":  # die while both workers are inside DenseCRF calls that would run for hours
+            before = {pid: cpu_ticks(pid) for pid in levels[1]}
+            pool.params = {"iters": 10**9}
+            jobs = [("c", image, prob), ("d", image, prob)]
+            threading.Thread(target=lambda: list(pool.imap(jobs)), daemon=True).start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and sum(cpu_ticks(p) - t > 20 for p, t in before.items()) < 2:
+                time.sleep(0.05)
+        with open(pid_file, "w") as f:
+            json.dump([pid for level in levels for pid in level], f)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="reads process states from /proc (Linux)")
+@pytest.mark.parametrize(("mode", "load"), [("lifeline", "busy"), ("watch-only", "idle")])
+def test_workers_and_forkserver_die_with_a_sigkilled_owner(tmp_path: Path, mode: str, load: str) -> None:
+    """Issue #10 item 7: SIGKILL the process that made the pool; its forkserver, resource tracker and DenseCRF
+    workers must all be gone soon after (``lifeline``: the kernel's death signals, even mid-job; ``watch-only``: the
+    workers' own watch thread, for a forkserver started without the lifeline)."""
+    script, pid_file, log = tmp_path / "dying_owner.py", tmp_path / "pids.json", tmp_path / "log.txt"
+    script.write_text(DYING_OWNER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # output to a file, not a pipe: orphans that inherited a pipe would keep subprocess.run waiting for its end
+    with open(log, "w") as out:
+        result = subprocess.run([sys.executable, str(script), mode, load, str(pid_file)], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, timeout=120)  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    pids = json.loads(pid_file.read_text())
+    assert len(pids) >= 4, pids  # forkserver, resource tracker and the 2 workers
+    assert still_running_after(pids, bound_seconds=60) == []  # they go within a second

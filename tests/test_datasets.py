@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,7 @@ def make_cfg(root: Path | str, run_dir: Path, *overrides: str, name: str = "voc"
             f"data.root={root}",
             f"run.out_dir={run_dir}",
             f"data.crop_size={CROP}",
+            "model.backbone_kwargs.patch_size=8",  # the crop rule (a multiple of 2 * patch) at this small crop
             "data.num_workers=0",
             *overrides,
         ],
@@ -167,7 +170,7 @@ def test_train_aug_is_derived_as_aug_ids_minus_val(voc_copy: Path, tmp_path: Pat
     ds = build_dataset(make_cfg(voc_copy, tmp_path / "run"), "train_aug", "train")
     assert ds.ids == sorted(aug - val)
     cached = json.loads((tmp_path / "run" / "cache" / "voc_train_aug.json").read_text())
-    assert cached["ids"] == ds.ids and cached["key"]["list"] == "derived"
+    assert "ids" not in cached and sorted(cached["labels"]) == ds.ids  # ids are derived afresh, labels are cached
 
 
 def test_list_dir_overrides_the_layout_list(voc_root: Path, tmp_path: Path) -> None:
@@ -185,6 +188,21 @@ def test_deeplab_style_list_lines_are_read(voc_root: Path, tmp_path: Path) -> No
     (tmp_path / "lists" / "val.txt").write_text("\n".join(lines) + "\n\n")
     ds = build_dataset(make_cfg(voc_root, tmp_path, f"data.list_dir={tmp_path / 'lists'}"), "val", "eval")
     assert ds.ids == names
+
+
+def test_duplicate_ids_in_a_split_list_are_an_error_naming_file_and_lines(voc_root: Path, tmp_path: Path) -> None:
+    names = read_list(voc_root, "val")
+    (tmp_path / "lists").mkdir()
+    list_file = tmp_path / "lists" / "val.txt"
+    # Lines 1..5: a, b, a (plain), b again as a DeepLab-style path (same stem), c.
+    lines = [names[0], names[1], names[0], f"/JPEGImages/{names[1]}.jpg /SegmentationClassAug/{names[1]}.png", names[2]]
+    list_file.write_text("\n".join(lines) + "\n")
+    cfg = make_cfg(voc_root, tmp_path, f"data.list_dir={tmp_path / 'lists'}")
+    expect_error(lambda: build_dataset(cfg, "val", "eval"), ValueError, str(list_file), "2 id(s) more than once",
+                 f"{names[0]} (lines 1, 3)", f"{names[1]} (lines 2, 4)")  # fmt: skip
+    with pytest.raises(ValueError) as info:
+        base.read_id_list(list_file)
+    assert names[2] not in str(info.value)  # only the repeated ids are named
 
 
 def test_labels_fall_back_to_annotation_xml_without_masks(voc_copy: Path, tmp_path: Path) -> None:
@@ -237,6 +255,144 @@ def test_cache_is_reused_and_rebuilt_for_another_root(
     third = build_dataset(make_cfg(other_root, tmp_path / "run"), "train_aug", "train")
     assert len(calls) == len(third)  # another root: the cache is rebuilt, not trusted
     assert json.loads(cache_file.read_text())["key"]["root"] == str(other_root.resolve())
+
+
+def set_mtime(path: Path, seconds: int) -> None:
+    os.utime(path, (seconds, seconds))
+
+
+def test_rewritten_mask_is_read_again_in_the_same_run_folder(
+    voc_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_cfg(voc_copy, tmp_path / "run")
+    first = build_dataset(cfg, "val", "eval")
+    name = first.ids[2]
+    path = voc_mask_path(voc_copy, name)
+    old = np.flatnonzero(first.labels[2]) + 1
+    # Known answer: the fixed mask shows class 7 (car) on its top rows and nothing else but background / ignore.
+    new_class = 7 if 7 not in old else 8
+    mask = np.zeros_like(read_label_png(path))
+    mask[:4] = new_class
+    mask[-1] = 255
+    save_label_png(path, mask)
+    set_mtime(path, 1_000_000_000)
+    calls = count_mask_reads(monkeypatch)
+    second = build_dataset(cfg, "val", "eval")
+    assert calls == [str(path)]  # only the rewritten mask is read again
+    assert (np.flatnonzero(second.labels[2]) + 1).tolist() == [new_class]
+    np.testing.assert_array_equal(np.delete(second.labels, 2, 0), np.delete(first.labels, 2, 0))
+
+
+def test_same_size_rewrite_with_the_old_mtime_is_read_again(
+    voc_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `rsync -t` or `tar x` does to a replaced mask: rewritten, old mtime restored; here the size is the same
+    # too (the same bytes), so only the ctime shows the rewrite and the label must be read again to be trusted.
+    cfg = make_cfg(voc_copy, tmp_path / "run")
+    first = build_dataset(cfg, "val", "eval")
+    path = voc_mask_path(voc_copy, first.ids[0])
+    before = path.stat()
+    path.write_bytes(path.read_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns  # POSIX: a write and a utime both set the ctime to now
+    calls = count_mask_reads(monkeypatch)
+    second = build_dataset(cfg, "val", "eval")
+    assert calls == [str(path)]
+    np.testing.assert_array_equal(second.labels, first.labels)
+
+
+def test_derived_split_gains_an_id_when_a_mask_is_added(voc_copy: Path, tmp_path: Path) -> None:
+    (voc_copy / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    cfg = make_cfg(voc_copy, tmp_path / "run")
+    first = build_dataset(cfg, "train_aug", "train")
+    # A download finishing: one more image and its aug mask (class 3 = bird) appear under the same root.
+    new = "synth_999999"
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(voc_copy / "JPEGImages" / f"{new}.jpg")
+    mask = np.zeros((40, 50), np.uint8)
+    mask[10:20, 10:30] = 3
+    save_label_png(voc_copy / "SegmentationClassAug" / f"{new}.png", mask)
+    second = build_dataset(cfg, "train_aug", "train")
+    assert second.ids == sorted([*first.ids, new])
+    assert np.flatnonzero(second.labels[second.ids.index(new)]).tolist() == [2]
+    np.testing.assert_array_equal(second.labels[[second.ids.index(i) for i in first.ids]], first.labels)
+
+
+def test_unchanged_tree_reads_no_mask_or_xml_the_second_time(
+    voc_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A derived split, with some images labelled from XML (no SegmentationClassAug): every source must hit the cache.
+    (voc_copy / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    train_aug = build_dataset(make_cfg(voc_copy, tmp_path / "probe"), "train_aug", "train").ids
+    without_mask = [i for i in train_aug if not (voc_copy / "SegmentationClass" / f"{i}.png").is_file()]
+    (voc_copy / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(train_aug) + "\n")
+    for name in without_mask:
+        (voc_copy / "SegmentationClassAug" / f"{name}.png").unlink()
+    assert without_mask and len(without_mask) < len(train_aug)  # both sources are in play
+    cfg = make_cfg(voc_copy, tmp_path / "run")
+    xml_reads: list[str] = []
+    real_xml = base.xml_classes
+    monkeypatch.setattr(base, "xml_classes", lambda path, names: xml_reads.append(str(path)) or real_xml(path, names))
+    calls = count_mask_reads(monkeypatch)
+    first = build_dataset(cfg, "train_aug", "train")
+    assert len(calls) == len(train_aug) - len(without_mask) and len(xml_reads) == len(without_mask)
+    calls.clear()
+    xml_reads.clear()
+    second = build_dataset(cfg, "train_aug", "train")
+    assert calls == [] and xml_reads == []
+    np.testing.assert_array_equal(second.labels, first.labels)
+
+
+def test_mask_added_for_an_xml_labelled_image_replaces_the_xml_label(voc_copy: Path, tmp_path: Path) -> None:
+    name = read_list(voc_copy, "train_aug")[0]
+    moved = tmp_path / f"{name}.png"
+    shutil.move(voc_mask_path(voc_copy, name), moved)
+    for folder in ("SegmentationClass", "SegmentationClassAug"):
+        (voc_copy / folder / f"{name}.png").unlink(missing_ok=True)
+    # Known answer: the XML says "cat" (8) only, while the mask shows the generator's classes.
+    (voc_copy / "Annotations" / f"{name}.xml").write_text("<annotation><object><name>cat</name></object></annotation>")
+    from_mask = mask_label(moved, 20)
+    assert np.flatnonzero(from_mask).tolist() != [7]  # the two sources disagree, so the test can tell them apart
+    cfg = make_cfg(voc_copy, tmp_path / "run", "data.max_images=3")
+    assert np.flatnonzero(build_dataset(cfg, "train_aug", "train").labels[0]).tolist() == [7]
+    shutil.move(moved, voc_copy / "SegmentationClassAug" / f"{name}.png")  # the download of the aug masks finished
+    np.testing.assert_array_equal(build_dataset(cfg, "train_aug", "train").labels[0], from_mask)
+
+
+def test_cache_of_an_older_format_is_discarded(voc_root: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(voc_root, tmp_path / "run")
+    truth = build_dataset(make_cfg(voc_root, tmp_path / "fresh"), "val", "eval")
+    # A version-1 cache as the previous code wrote it: key without stamps, bare label lists, all wrong here.
+    val_list = str(voc_root.resolve() / "ImageSets" / "Segmentation" / "val.txt")
+    old_key = {"version": 1, "dataset": "voc", "root": str(voc_root.resolve()), "split": "val", "list": val_list,
+               "num_classes": 21}  # fmt: skip
+    cache_file = tmp_path / "run" / "cache" / "voc_val.json"
+    cache_file.parent.mkdir(parents=True)
+    cache_file.write_text(json.dumps({"key": old_key, "ids": None, "labels": {i: [20] for i in truth.ids}}))
+    np.testing.assert_array_equal(build_dataset(cfg, "val", "eval").labels, truth.labels)
+
+
+def test_xml_fallback_of_training_images_is_logged_once(
+    voc_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.rmtree(voc_copy / "SegmentationClassAug")  # training without the aug masks: only train ids keep a mask
+    train_aug, train = read_list(voc_copy, "train_aug"), set(read_list(voc_copy, "train"))
+    expected = len([i for i in train_aug if i not in train])
+    assert 0 < expected < len(train_aug)
+    cfg = make_cfg(voc_copy, tmp_path / "run")
+    for attempt in range(2):  # the second construction takes every label from the cache and must still say so
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="datasets.base"):
+            build_dataset(cfg, "train_aug", "train")
+        warnings = [r.getMessage() for r in caplog.records if "annotation XML" in r.getMessage()]
+        assert len(warnings) == 1, (attempt, warnings)
+        assert warnings[0].startswith(f"{expected} of {len(train_aug)} training images of split train_aug")
+        assert str(voc_copy / "SegmentationClassAug") in warnings[0] and str(voc_copy / "Annotations") in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datasets.base"):
+        build_dataset(cfg, "train", "train")  # every train image has its official mask: nothing to say
+    assert not [r for r in caplog.records if "annotation XML" in r.getMessage()]
 
 
 def test_cache_dir_key_is_used_and_nothing_is_written_to_the_dataset(voc_root: Path, tmp_path: Path) -> None:
@@ -304,14 +460,13 @@ def test_mask_value_out_of_range_names_value_and_file(voc_copy: Path, tmp_path: 
     expect_error(lambda: build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval"), ValueError, "42", str(path))
 
 
-def test_mask_value_out_of_range_is_caught_at_load_time_with_a_cached_label(voc_copy: Path, tmp_path: Path) -> None:
+def test_mask_value_out_of_range_is_caught_at_load_time(voc_copy: Path, tmp_path: Path) -> None:
     ds = build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval")
     path = voc_mask_path(voc_copy, ds.ids[0])
     mask = read_label_png(path)
     mask[1, 1] = 77
-    save_label_png(path, mask)
-    cached = build_dataset(make_cfg(voc_copy, tmp_path), "val", "eval")  # labels from the cache, mask unread
-    expect_error(lambda: cached[0], ValueError, "77", str(path))
+    save_label_png(path, mask)  # damaged after its label was read (e.g. while a run goes on)
+    expect_error(lambda: ds[0], ValueError, "77", str(path))
 
 
 def test_empty_list_names_the_split(voc_copy: Path, tmp_path: Path) -> None:
@@ -345,6 +500,29 @@ def test_bad_config_values_name_their_key(voc_root: Path, tmp_path: Path) -> Non
     expect_error(lambda: build_dataset(make_cfg(voc_root, tmp_path, "data.max_images=0"), "val", "eval"),
                  ValueError, "data.max_images")  # fmt: skip
     expect_error(lambda: build_dataset(make_cfg(voc_root, tmp_path), "val", "predict"), ValueError, "mode")
+
+
+def test_check_files_reports_unreadable_files_and_size_mismatches(voc_copy: Path, tmp_path: Path) -> None:
+    ds = build_dataset(make_cfg(voc_copy, tmp_path, "data.max_images=6"), "val", "eval")
+    assert ds.check_files() == [] and ds.check_files("full") == []
+    images, masks = ds.image_paths, ds.mask_paths
+    # Damaged after construction, as a tree can be between the start of a run and its first validation.
+    images[0].write_bytes(images[0].read_bytes()[:20])  # truncated inside the JPEG header
+    height, width = read_label_png(masks[1]).shape
+    save_label_png(masks[1], np.zeros((height, width + 5), dtype=np.uint8))  # wrong size
+    rgb_shape = (*read_label_png(masks[2]).shape, 3)
+    Image.fromarray(np.zeros(rgb_shape, np.uint8)).save(masks[2])  # an RGB PNG of the right size, not a label map
+    data = images[3].read_bytes()
+    images[3].write_bytes(data[: len(data) // 2])  # truncated pixel data: the header still reads
+    header = ds.check_files("header")
+    assert len(header) == 3, header
+    assert str(images[0]) in header[0] and "cannot read the header" in header[0]
+    assert header[1] == (f"mask {masks[1]} is {width + 5}x{height} (WxH) but its image {images[1]} is {width}x{height}")
+    assert str(masks[2]) in header[2] and "'RGB'" in header[2]
+    full = ds.check_files("full")
+    assert full[:3] == [header[0].replace("read the header of", "decode"), header[1], header[2]]
+    assert len(full) == 4 and str(images[3]) in full[3] and "cannot decode" in full[3]
+    expect_error(lambda: ds.check_files("deep"), ValueError, "header", "full")
 
 
 # ------------------------------------------------------------------------------------------------------------ COCO
@@ -488,15 +666,19 @@ def test_coco_labels_are_never_taken_from_a_stale_cache(tmp_path: Path) -> None:
     cfg = make_cfg(root, tmp_path / "run", name="coco")
     cache_file = tmp_path / "run" / "cache" / "coco_val.json"
     first = build_dataset(cfg, "val", "eval")
-    cached = json.loads(cache_file.read_text())
-    assert cached["ids"] == first.ids and cached["labels"] == {}  # ids are cached, file labels are not
-    assert cached["key"]["labels"] == str(root.resolve() / "ImageSets" / "labels_val2014.json")
-    # Mask-derived labels, as a cache written before the label file existed holds them (its key has no "labels"),
-    # and the same bogus labels under the current key: neither may shadow the file.
+    assert not cache_file.exists()  # file labels are never cached, and ids are derived afresh
+    # Bogus labels in the cache formats a run folder may hold: version 1 (mask labels, as written before the label
+    # file existed) and version 2 with entries whose source stamps match the masks. Neither may shadow the file.
     stale = {name: [7] for name in first.ids}
-    old_key = {k: v for k, v in cached["key"].items() if k != "labels"}
-    for key in (old_key, cached["key"]):
-        cache_file.write_text(json.dumps({"key": key, "ids": first.ids, "labels": stale}))
+    key = {"version": base.CACHE_VERSION, "dataset": "coco", "root": str(root.resolve()), "split": "val",
+           "num_classes": 81}  # fmt: skip
+    entries = {}
+    for name, mask in zip(first.ids, first.mask_paths, strict=True):
+        entries[name] = {"classes": [7], "source": mask.relative_to(root.resolve()).as_posix(),
+                         "stamp": base.file_stamp(mask)}  # fmt: skip
+    cache_file.parent.mkdir(parents=True)
+    for payload in ({"key": {**key, "version": 1}, "ids": first.ids, "labels": stale}, {"key": key, "labels": entries}):
+        cache_file.write_text(json.dumps(payload))
         ds = build_dataset(cfg, "val", "eval")
         assert [(np.flatnonzero(row) + 1).tolist() for row in ds.labels] == [contents["val"][i] for i in ds.ids]
 

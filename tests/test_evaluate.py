@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,16 +116,24 @@ def test_pseudo_labels_count_unlabelled_as_background_and_report_labelled_miou_a
     assert result["labelled"]["num_pixels"] == 12
 
 
-def test_seg_prediction_with_ignore_value_is_an_error_naming_the_file(run):
+def _user_error(capsys: pytest.CaptureFixture, run: Path, *args: str) -> str:
+    """``tools.evaluate`` must fail as a user error: exit 2, one ``error:`` line on stderr, no traceback."""
+    capsys.readouterr()
+    assert ev.main(["--run-dir", str(run), *args]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_seg_prediction_with_ignore_value_is_an_error_naming_the_file(run, capsys):
     _write_pngs(run, "seg", PSEUDO)  # 255 is no class: only pseudo labels may leave pixels unlabelled
-    with pytest.raises(ValueError, match=r"seg/val/a\.png.*255"):
-        ev.main(["--run-dir", str(run), "--source", "seg"])
+    assert re.search(r"seg/val/a\.png.*255", _user_error(capsys, run, "--source", "seg"))
 
 
-def test_out_of_range_class_is_an_error_naming_the_file(run):
+def test_out_of_range_class_is_an_error_naming_the_file(run, capsys):
     _write_pngs(run, "seg", {"a": SEG["a"], "b": np.where(SEG["b"] == 2, 30, SEG["b"]).astype(np.uint8)})
-    with pytest.raises(ValueError, match=r"seg/val/b\.png.*30"):
-        ev.main(["--run-dir", str(run), "--source", "seg"])
+    assert re.search(r"seg/val/b\.png.*30", _user_error(capsys, run, "--source", "seg"))
 
 
 def test_cam_threshold_sweep_equals_separate_single_threshold_runs(run):
@@ -165,24 +174,30 @@ def test_cam_aux_branch_is_read_and_named_separately(run):
     assert aux["miou"] != main["miou"]  # cam_aux holds the class maps swapped, so it scores differently
 
 
-def test_missing_predictions_error_lists_ids_and_the_command(run):
+def test_missing_predictions_error_lists_ids_and_the_command(run, capsys):
     _write_pngs(run, "seg_crf", {"a": SEG["a"]})
-    with pytest.raises(FileNotFoundError, match=r"1 of 2 .*: b\. Produce them with: python -m tools\.infer_seg "
-                       r".*eval\.crf=true"):  # fmt: skip
-        ev.main(["--run-dir", str(run), "--source", "seg_crf"])
+    message = _user_error(capsys, run, "--source", "seg_crf")
+    assert re.search(r"1 of 2 .*: b\. Produce them with: python -m tools\.infer_seg .*eval\.crf=true", message)
 
 
-def test_wrong_size_prediction_error_names_prediction_and_ground_truth(run):
+def test_wrong_size_prediction_error_names_prediction_and_ground_truth(run, capsys):
     _write_pngs(run, "seg", {"a": SEG["a"], "b": np.zeros((3, 4), dtype=np.uint8)})
-    with pytest.raises(ValueError, match=r"seg/val/b\.png is 3x4 .*SegmentationClass/b\.png is 2x4"):
-        ev.main(["--run-dir", str(run), "--source", "seg"])
+    message = _user_error(capsys, run, "--source", "seg")
+    assert re.search(r"seg/val/b\.png is 3x4 .*SegmentationClass/b\.png is 2x4", message), message
 
 
-def test_cam_file_without_the_branch_is_an_error_naming_it(run):
+def test_cam_file_without_the_branch_is_an_error_naming_it(run, capsys):
     save_npz(run / "cams" / "val" / "a.npz", {"classes": np.array([1], dtype=np.int16)})
     save_npz(run / "cams" / "val" / "b.npz", {"classes": np.array([1], dtype=np.int16)})
-    with pytest.raises(KeyError, match=r"cams/val/a\.npz lacks array\(s\) \['cam'\]"):
-        ev.main(["--run-dir", str(run), "--source", "cams"])
+    message = _user_error(capsys, run, "--source", "cams")
+    assert re.search(r"cams/val/a\.npz lacks array\(s\) \['cam'\]", message), message
+
+
+def test_a_missing_run_folder_and_a_bad_sweep_range_are_one_line_errors(tmp_path, run, capsys):
+    assert "is not a run folder" in _user_error(capsys, tmp_path / "missing", "--source", "seg")
+    _write_cams(run)
+    message = _user_error(capsys, run, "--source", "cams", "--sweep", "eval.sweep_start=0.9", "eval.sweep_stop=0.1")
+    assert "eval.sweep_start" in message and "0.9" in message
 
 
 def test_results_log_gets_one_tagged_line_per_call(run, tmp_path):

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from datasets import build_dataset
+from tests.processes import HAS_PROC, still_running_after
 from tools import infer_seg, train
 from utils.config import load_run_config
 from utils.crf import dense_crf
@@ -129,6 +131,34 @@ def test_resuming_with_other_settings_is_refused(trained, tmp_path):
         _infer(run, "data.max_images=1", "eval.scales=[1.0]")
 
 
+def test_a_run_that_failed_before_its_first_output_does_not_block_the_corrected_rerun(trained, tmp_path, monkeypatch,
+                                                                                       capsys):  # fmt: skip
+    """Issue #10 item 6: settings.json is recorded before the model loads; a failure there must not poison the
+    folders for the corrected rerun, while folders holding outputs are still refused."""
+    run = _copy_run(trained, tmp_path / "run")
+
+    def broken_loader(cfg, device):
+        raise RuntimeError("model loader broke")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(infer_seg, "load_trained_model", broken_loader)
+        with pytest.raises(RuntimeError, match="model loader broke"):
+            _infer(run, "data.max_images=1", "eval.crf=true", "eval.crf_workers=0")
+    for kind in ("seg", "seg_crf"):  # claimed, but empty
+        assert (run / kind / "val" / "settings.json").is_file() and not list((run / kind / "val").glob("*.png"))
+    # the corrected rerun uses other settings (one scale): both empty folders are re-claimed
+    stats = _infer(run, "data.max_images=1", "eval.crf=true", "eval.crf_workers=0", "eval.scales=[1.0]")
+    assert (stats.seg_images, stats.crf_images) == (1, 1)
+    for kind in ("seg", "seg_crf"):
+        assert json.loads((run / kind / "val" / "settings.json").read_text())["scales"] == [1.0]
+    assert (run / "infer_seg.log").read_text().count("re-claimed with the current settings (scales:") == 2
+    capsys.readouterr()
+    assert infer_seg.main(["--run-dir", str(run), "run.device=cpu", "data.max_images=1", SCALES]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "seg/val holds outputs made with other settings (scales" in err
+    assert "Traceback" not in err
+
+
 def test_square_resize_is_applied_recorded_and_checked(trained, tmp_path):
     run = _copy_run(trained, tmp_path / "run")
     square = ("data.max_images=1", "eval.resize=48", "eval.resize_mode=square")  # the COCO protocol, SPEC §5.2
@@ -172,6 +202,47 @@ def test_two_ranks_write_the_same_files_as_one_process(trained, tmp_path):
         a, b = _labels(single / kind / "val"), _labels(sharded / kind / "val")
         assert sorted(a) == sorted(b) and a
         assert all(np.array_equal(a[name], b[name]) for name in a), kind
+
+
+DYING_INFERENCE = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from tests.processes import descendants
+    from tools import infer_seg
+    from utils import crf
+
+    real_imap = crf.CRFPool.imap
+
+    def imap_then_die(self, jobs):
+        for result in real_imap(self, jobs):  # the first CRF result is back: the whole pool is running
+            with open(sys.argv[1], "w") as f:
+                json.dump([pid for level in descendants(os.getpid()) for pid in level], f)
+            os.kill(os.getpid(), signal.SIGKILL)
+            yield result
+
+    if __name__ == "__main__":  # the forkserver imports this file too, as __mp_main__
+        crf.CRFPool.imap = imap_then_die
+        sys.exit(infer_seg.main(sys.argv[2:]))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_PROC, reason="reads process states from /proc (Linux)")
+def test_a_sigkilled_inference_leaves_no_crf_processes_behind(trained, tmp_path):
+    """Issue #10 item 7: the forkserver and the DenseCRF workers (hundreds of MB each) die with the tool."""
+    run = _copy_run(trained, tmp_path / "run")
+    script, pid_file, log = tmp_path / "dying_inference.py", tmp_path / "pids.json", tmp_path / "log.txt"
+    script.write_text(DYING_INFERENCE)
+    args = [str(pid_file), "--run-dir", str(run), "run.device=cpu", SCALES, "eval.crf=true", "eval.crf_workers=2"]
+    # output to a file, not a pipe: orphans that inherited a pipe would keep subprocess.run waiting for its end
+    with open(log, "w") as out:
+        killed = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=_env(), stdout=out,
+                                stderr=subprocess.STDOUT, timeout=300)  # fmt: skip
+    assert killed.returncode == -9, log.read_text()[-3000:]
+    pids = json.loads(pid_file.read_text())
+    assert len(pids) >= 4, pids  # forkserver, resource tracker, 2 CRF workers (+ data loader workers)
+    assert still_running_after(pids, bound_seconds=60) == []
 
 
 @pytest.mark.slow

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from datasets import build_dataset
 from models import normalize
 from tools import make_cam, train
 from utils.cam import multiscale_cam
+from utils.checkpoint import CheckpointError
 from utils.config import load_run_config
 from utils.pseudo_labels import load_cams
 from utils.run import load_npz, load_trained_model
@@ -81,12 +85,22 @@ def test_second_run_does_no_work(run: Path) -> None:
     assert f"0 processed, {len(mtimes)} already done (skipped)" in log
 
 
-def test_changed_settings_are_refused(run: Path) -> None:
-    with pytest.raises(ValueError, match=r"cams/val holds outputs made with other settings \(scales"):
-        make_cam.main(["--run-dir", str(run), "cam.scales=[1.0]"])
+def _user_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run the tool's main on ``argv``; it must fail as a user error: exit 2, one ``error:`` line, no traceback."""
+    capsys.readouterr()
+    assert make_cam.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
-def test_outputs_of_a_rewritten_checkpoint_are_not_resumed(run: Path, tmp_path: Path) -> None:
+def test_changed_settings_are_refused(run: Path, capsys: pytest.CaptureFixture) -> None:
+    message = _user_error(capsys, ["--run-dir", str(run), "cam.scales=[1.0]"])
+    assert re.search(r"cams/val holds outputs made with other settings \(scales", message), message
+
+
+def test_outputs_of_a_rewritten_checkpoint_are_not_resumed(run: Path, tmp_path: Path, capsys) -> None:
     """Retraining into the same run folder rewrites best/last.pth: the old CAMs must not pass as current."""
     copy = tmp_path / "retrained"
     shutil.copytree(run, copy)
@@ -94,8 +108,75 @@ def test_outputs_of_a_rewritten_checkpoint_are_not_resumed(run: Path, tmp_path: 
     assert make_cam.main(["--run-dir", str(copy)]) == 0  # same checkpoint file: resumes, nothing to do
     checkpoint = copy / "checkpoints" / "last.pth"
     checkpoint.write_bytes(checkpoint.read_bytes())  # a new training run wrote it again
-    with pytest.raises(ValueError, match="checkpoint"):
-        make_cam.main(["--run-dir", str(copy)])
+    assert "other settings (checkpoint" in _user_error(capsys, ["--run-dir", str(copy)])
+
+
+def _fresh_copy(run: Path, dest: Path) -> Path:
+    """The trained run folder without its CAMs."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("cams"))
+    (dest / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(run), str(dest)))
+    return dest
+
+
+def test_a_run_that_failed_before_its_first_output_does_not_block_the_corrected_rerun(run, tmp_path, capsys):
+    """Issue #10 item 6: settings.json is recorded before the checkpoint loads; a failed load must not poison it."""
+    copy = _fresh_copy(run, tmp_path / "run")
+    folder = copy / "cams" / "val"
+    garbage = copy / "checkpoints" / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pth"):
+        make_cam.export_cams(load_run_config(copy, [f"eval.checkpoint={garbage}"]))
+    recorded = json.loads((folder / "settings.json").read_text())
+    assert recorded["checkpoint"]["path"] == "checkpoints/garbage.pth" and not list(folder.glob("*.npz"))
+    # the corrected rerun (another checkpoint, so other settings) re-claims the empty folder
+    assert make_cam.main(["--run-dir", str(copy)]) == 0
+    assert json.loads((folder / "settings.json").read_text())["checkpoint"]["path"] == "checkpoints/last.pth"
+    assert len(list(folder.glob("*.npz"))) == len(_val(run)[1].ids)
+    assert "re-claimed with the current settings (checkpoint:" in (copy / "make_cam.log").read_text()
+    # a folder that holds outputs is still refused
+    message = _user_error(capsys, ["--run-dir", str(copy), "cam.scales=[1.0]"])
+    assert "holds outputs made with other settings (scales" in message
+
+
+DYING_EXPORT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import utils.io, utils.run
+    from tools import make_cam
+
+    real_write, calls = utils.run.atomic_write_bytes, []
+
+    def write_then_die(path, data):
+        calls.append(path)
+        if len(calls) == 2:  # the second CAM file: half-written through the real atomic writer, then SIGKILL
+            with utils.io.atomic_path(path) as tmp:
+                tmp.write_bytes(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_write(path, data)
+
+    utils.run.atomic_write_bytes = write_then_die
+    sys.exit(make_cam.main(sys.argv[1:]))
+    """
+)
+
+
+def test_temporary_files_of_a_killed_export_are_swept_by_the_next_run(run: Path, tmp_path: Path) -> None:
+    """Issue #10 item 7: a SIGKILLed tool leaves `.<id>.npz.*.tmp`; the next run removes it before writing."""
+    copy = _fresh_copy(run, tmp_path / "run")
+    folder = copy / "cams" / "val"
+    script = tmp_path / "dying_export.py"
+    script.write_text(DYING_EXPORT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, str(script), "--run-dir", str(copy)], cwd=REPO, env=env,
+                            capture_output=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    leftovers = list(folder.glob(".*.tmp"))
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(f".{_val(run)[1].ids[1]}.npz.")
+    assert len(list(folder.glob("*.npz"))) == 1
+    assert make_cam.main(["--run-dir", str(copy)]) == 0
+    assert not list(folder.glob(".*.tmp"))
+    assert sorted(p.stem for p in folder.glob("*.npz")) == sorted(_val(run)[1].ids)
+    assert f"removed 1 temporary file(s) left by a killed run in {folder}" in (copy / "make_cam.log").read_text()
 
 
 @pytest.mark.slow
@@ -120,13 +201,13 @@ def test_two_process_export_equals_single_process(run: Path, tmp_path: Path) -> 
     assert f"{len(single)} processed, 0 already done" in (out / "make_cam.log").read_text()
 
 
-def test_missing_image_is_a_clear_error(run: Path, tmp_path: Path) -> None:
+def test_missing_image_is_a_clear_error(run: Path, tmp_path: Path, capsys) -> None:
     _, dataset = _val(run)
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "val.txt").write_text("\n".join([*dataset.ids[:2], "ghost_0001"]) + "\n")
-    with pytest.raises(FileNotFoundError, match=r"1 id\(s\) of split 'val' have no image .*ghost_0001"):
-        make_cam.main(["--run-dir", str(run), f"data.list_dir={lists}"])
+    message = _user_error(capsys, ["--run-dir", str(run), f"data.list_dir={lists}"])
+    assert re.search(r"1 id\(s\) of split 'val' have no image .*ghost_0001", message), message
 
 
 def test_image_without_present_class_gets_empty_arrays(tmp_path: Path) -> None:

@@ -86,6 +86,36 @@ def test_deep_check_reads_mask_values_and_sizes(voc_copy: Path) -> None:
     assert str(bad_size) in errors and "7x5" in errors
 
 
+def test_deep_check_decodes_every_image_and_names_the_broken_ones(
+    voc_copy: Path, capsys: pytest.CaptureFixture
+) -> None:
+    val, train_aug, train = read_list(voc_copy, "val"), read_list(voc_copy, "train_aug"), read_list(voc_copy, "train")
+    aug_only = [name for name in train_aug if name not in train]
+    broken = [voc_copy / "JPEGImages" / f"{name}.jpg" for name in (val[0], aug_only[-1], train[0])]
+    for path in broken:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])  # a download cut short: the header opens, the pixels do not decode
+    bad_mask = voc_copy / "SegmentationClassAug" / f"{aug_only[0]}.png"
+    bad_mask.write_bytes(bad_mask.read_bytes()[:-12])  # a PNG missing its end
+    assert check_voc(voc_copy).errors == []
+    errors = check_voc(voc_copy, deep=True).errors
+    assert len(errors) == 4, errors  # each broken file once, with the split(s) that use it
+    for prefix, path in zip(("val", "train_aug", "train/train_aug"), broken, strict=True):
+        assert any(e.startswith(f"{prefix}: cannot decode image file {path} ") for e in errors), (prefix, errors)
+    assert any(str(bad_mask) in e for e in errors)
+    assert main([str(voc_copy), "--deep"]) == 1
+    out = capsys.readouterr().out
+    assert all(str(path) in out for path in (*broken, bad_mask))
+
+
+def test_duplicate_ids_in_a_list_are_reported_with_line_numbers(voc_copy: Path) -> None:
+    val_list = voc_copy / "ImageSets" / "Segmentation" / "val.txt"
+    val = read_list(voc_copy, "val")
+    val_list.write_text("\n".join([*val, val[1]]) + "\n")
+    errors = check_voc(voc_copy).errors
+    assert any(str(val_list) in e and f"{val[1]} (lines 2, {len(val) + 1})" in e for e in errors), errors
+
+
 def test_missing_root_fails() -> None:
     report = check_voc("/definitely/not/here")
     assert len(report.errors) == 1 and "/definitely/not/here" in report.errors[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tools import make_pseudo_labels
 from tools.make_cam import cam_arrays
 from utils.cam import online_seg_labels
 from utils.config import config_from_args, load_config, save_config
-from utils.io import read_label_png, voc_palette
+from utils.io import read_label_png, save_label_png, voc_palette
 from utils.metrics import cam_to_label
 from utils.pseudo_labels import (
     argmax_label,
@@ -215,6 +216,7 @@ def test_load_cams_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_check_settings_refuses_a_changed_resume(tmp_path: Path) -> None:
     check_settings(tmp_path, {"dual": True, "scales": (1.0, 0.5)}, write=True)
+    save_label_png(tmp_path / "a.png", np.zeros((2, 2), np.uint8))  # an output made with these settings
     check_settings(tmp_path, {"dual": True, "scales": (1.0, 0.5)}, write=True)  # same settings: fine
     with pytest.raises(ValueError, match=r"dual: True -> False"):
         check_settings(tmp_path, {"dual": False, "scales": (1.0, 0.5)}, write=False)
@@ -265,7 +267,7 @@ def test_tool_single_threshold_reproduces_the_known_labels(cam_run) -> None:
         np.testing.assert_array_equal(read_label_png(path), np.where(mask == IGN, 0, mask))
 
 
-def test_tool_dual_par_soft_matches_the_pure_functions_and_resumes(cam_run) -> None:
+def test_tool_dual_par_soft_matches_the_pure_functions_and_resumes(cam_run, capsys) -> None:
     run, masks = cam_run
     shutil.rmtree(_outputs(run), ignore_errors=True)
     args = ["--run-dir", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=true", "pseudo.soft=true"]
@@ -292,10 +294,9 @@ def test_tool_dual_par_soft_matches_the_pure_functions_and_resumes(cam_run) -> N
     assert again["processed"] == 0 and again["skipped"] == len(masks)
     assert {p: p.stat().st_mtime_ns for p in _outputs(run).rglob("*.*")} == mtimes
     # the same folder with other settings is refused, not silently mixed
-    with pytest.raises(ValueError, match="soft_dtype: 'uint8' -> 'float16'"):
-        make_pseudo_labels.main([*args, "pseudo.soft_dtype=float16"])
-    with pytest.raises(ValueError, match="par: True -> False"):
-        make_pseudo_labels.main(["--run-dir", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=false"])
+    assert "soft_dtype: 'uint8' -> 'float16'" in _user_error(capsys, [*args, "pseudo.soft_dtype=float16"])
+    refused = _user_error(capsys, ["--run-dir", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=false"])
+    assert "par: True -> False" in refused
 
 
 def test_tool_crf_path_matches_the_pure_function(cam_run) -> None:
@@ -347,18 +348,30 @@ def test_crf_stream_keeps_order_with_items_that_send_no_job(cam_run) -> None:
         assert np.asarray(item.stacks).shape == ((3, 1, 4, 4) if item.name == "empty" else (3, 2, 4, 4))
 
 
-def test_tool_errors_name_the_missing_cams(cam_run, tmp_path: Path) -> None:
+def test_tool_errors_name_the_missing_cams(cam_run, tmp_path: Path, capsys) -> None:
     run, masks = cam_run
     other = tmp_path / "run"
     other.mkdir()
     shutil.copy(run / "config.yaml", other / "config.yaml")
-    with pytest.raises(FileNotFoundError, match=r"no CAM files in .*cams/val.*tools\.make_cam --run"):
-        make_pseudo_labels.main(["--run-dir", str(other)])
+    message = _user_error(capsys, ["--run-dir", str(other)])
+    assert re.search(r"no CAM files in .*cams/val.*tools\.make_cam --run", message), message
     first, second = sorted(masks)[:2]
     (other / "cams" / "val").mkdir(parents=True)
     shutil.copy(run / "cams" / "val" / f"{first}.npz", other / "cams" / "val")
-    with pytest.raises(FileNotFoundError, match=rf"{len(masks) - 1} id\(s\) .*no CAM file.*{second}"):
-        make_pseudo_labels.main(["--run-dir", str(other)])
+    message = _user_error(capsys, ["--run-dir", str(other)])
+    assert re.search(rf"{len(masks) - 1} id\(s\) .*no CAM file.*{second}", message), message
+    with pytest.raises(FileNotFoundError, match="no CAM file"):  # the work function itself raises
+        make_pseudo_labels.make_pseudo_labels(load_config(other / "config.yaml", [f"run.out_dir={other}"]))
+
+
+def _user_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run the tool's main on ``argv``; it must fail as a user error: exit 2, one ``error:`` line, no traceback."""
+    capsys.readouterr()
+    assert make_pseudo_labels.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 def _parse(args: list[str]):

@@ -170,3 +170,13 @@ def test_compare_scores_cams_on_both_splits_and_marks_untrained_seg_heads(tmp_pa
     assert lines[2] == "| baseline | 50.0 | n/a | n/a | 60.0 | n/a | 70.0 | no seg head | n/a |"
     assert lines[3] == "| full | 60.0 | n/a | n/a | 70.0 | n/a | 80.0 | 1.0 | n/a |"
     assert ORACLE in lines[-1]
+
+
+def test_a_torn_eval_file_is_a_one_line_error_naming_it(tmp_path, capsys):
+    run = _run(tmp_path)
+    (run / "eval").mkdir()
+    (run / "eval" / "seg_val.json").write_text('{"miou": 0.5')  # a run killed before the atomic writer existed
+    capsys.readouterr()
+    assert report.main(["--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / 'eval' / 'seg_val.json'} is not valid JSON") and len(err.splitlines()) == 1

@@ -1,16 +1,23 @@
-"""tools/train.py end to end on generated data: outputs, exact resume, 2-process DDP, SIGKILL, learning."""
+"""tools/train.py end to end on generated data: outputs, exact resume, 2-process DDP, SIGKILL, learning, and the
+reliability guarantees (docs/reliability.md): checkpoint before validation, one training per run folder, honest
+resume, every random stream resumed, clear errors for full disks and nonsense configs."""
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tools import train
 from utils.checkpoint import read_checkpoint
@@ -58,12 +65,37 @@ def test_disabled_terms_are_not_computed_or_logged(voc_root, tmp_path):
     assert not state["memory.initialized"].any()  # L_mem off: the bank is never filled
 
 
-def test_resume_continues_bit_for_bit(voc_root, tmp_path):
+@pytest.mark.parametrize(
+    ("extra", "validating"),
+    [
+        ((), False),
+        # stochastic depth draws from torch's global generator at every step, which iter(DataLoader) also used to
+        # draw from right after the resumed state was restored
+        (("model.backbone_kwargs.drop_path_rate=0.1",), False),
+        # ... and a validation between the checkpoint of step 2 and step 3 must not move any stream either
+        (("model.backbone_kwargs.drop_path_rate=0.1", "train.eval_every=2"), True),
+    ],
+    ids=["plain", "drop_path", "drop_path_and_validation"],
+)
+def test_resume_continues_bit_for_bit(voc_root, tmp_path, monkeypatch, extra, validating):
+    if validating:
+        real_validate = train.validate
+
+        def never_improving(*args, **kwargs):
+            # the real validation (its DataLoader draws a seed from torch's global generator), with scores that never
+            # beat the initial -1: no best_* is written, so last.pth of step 2 keeps its pre-validation streams
+            results, overlays = real_validate(*args, **kwargs)
+            return dict.fromkeys(results, -2.0), overlays
+
+        monkeypatch.setattr(train, "validate", never_improving)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert train.main(_args(voc_root, straight, "train.max_iters=4", "train.ckpt_every=4")) == 0
-    assert train.main(_args(voc_root, resumed, "train.max_iters=4", "train.stop_iter=2", "train.ckpt_every=4")) == 0
+    schedule = ("train.max_iters=4", "train.ckpt_every=4", *extra)
+    assert train.main(_args(voc_root, straight, *schedule)) == 0
+    assert train.main(_args(voc_root, resumed, *schedule, "train.stop_iter=2")) == 0
     assert read_checkpoint(resumed / "checkpoints" / "last.pth")["step"] == 2  # stop_iter writes a checkpoint
-    assert train.main(_args(voc_root, resumed, "train.max_iters=4", "train.ckpt_every=4", "train.resume=auto")) == 0
+    assert train.main(_args(voc_root, resumed, *schedule, "train.resume=auto")) == 0
+    if validating:
+        assert sorted(r["step"] for r in read_metrics(resumed / "metrics.jsonl", kind="val")) == [2, 4]
     a = read_checkpoint(straight / "checkpoints" / "last.pth")
     b = read_checkpoint(resumed / "checkpoints" / "last.pth")
     assert a["step"] == b["step"] == 4
@@ -241,3 +273,220 @@ def test_deprecated_best_alias_prefers_best_seg_and_warns(tmp_path, caplog, pres
 def test_deprecated_best_alias_without_checkpoints_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"eval.checkpoint=best \(deprecated\)"):
         resolve_checkpoint(_checkpoint_cfg(tmp_path, "best"))
+
+
+# ------------------------------------------------------------------------------------------------ reliability (#10)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under ``folder``: equal snapshots = nothing was written."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
+def _wait_for(path: Path, process: subprocess.Popen, what: str) -> None:
+    """Wait until ``path`` exists; fail (not hang) if ``process`` exits first. A generous cap, not a timing test."""
+    deadline = time.monotonic() + 300
+    while not path.exists():
+        if process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail(f"{what} exited with {process.returncode} first:\n{out[-3000:]}\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{what}: {path} never appeared")
+        time.sleep(0.1)
+
+
+def test_a_failing_validation_keeps_the_checkpoint_of_its_step(voc_root, tmp_path, monkeypatch):
+    """ckpt_every 4, eval_every 2: step 2 is validated but is not a checkpoint step; its last.pth must exist anyway."""
+    out = tmp_path / "run"
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated at full-resolution multi-scale validation)")
+
+    monkeypatch.setattr(train, "validate", out_of_memory)
+    args = _args(voc_root, out, "train.max_iters=4", "train.eval_every=2", "train.ckpt_every=4")
+    with pytest.raises(RuntimeError, match="simulated"):
+        train.main(args)
+    assert read_checkpoint(out / "checkpoints" / "last.pth")["step"] == 2  # the 2 trained steps survive
+    assert "validation after step 2 failed" in (out / "train.log").read_text()
+    monkeypatch.undo()
+    # and training continues from there (train.eval_every may change on resume)
+    assert train.main([*args, "train.resume=auto", "train.eval_every=0"]) == 0
+    assert read_checkpoint(out / "checkpoints" / "last.pth")["step"] == 4
+    assert sorted(_train_records(out)) == [1, 2, 3, 4]
+
+
+def _break_mask_size(root: Path, name: str) -> Path:
+    for folder in ("SegmentationClass", "SegmentationClassAug"):
+        path = root / folder / f"{name}.png"
+        if path.is_file():
+            with Image.open(path) as mask:
+                mask.crop((0, 0, mask.width - 1, mask.height)).save(path)  # one column short, palette kept
+    return root / "SegmentationClass" / f"{name}.png"
+
+
+def _break_image(root: Path, name: str) -> Path:
+    path = root / "JPEGImages" / f"{name}.jpg"
+    path.write_bytes(b"this is not a JPEG")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [(_break_mask_size, "but its image"), (_break_image, "cannot read the header of image file")],
+    ids=["mask_size", "image"],
+)
+def test_broken_validation_files_stop_the_run_before_training(voc_root, tmp_path, capsys, breakage, expected):
+    root = tmp_path / "VOC2012"
+    shutil.copytree(voc_root, root)
+    name = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[3]
+    broken = breakage(root, name)
+    out = tmp_path / "run"
+    assert train.main(_args(root, out, "train.max_iters=2", "train.eval_every=2")) == 2
+    err = capsys.readouterr().err
+    assert "error: data.val_split=val: validation (train.eval_every > 0) cannot use these files: " in err
+    assert str(broken) in err and expected in err and "train.eval_every=0" in err and "Traceback" not in err
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()  # nothing was trained
+
+
+HOLDING_TRAIN = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from tools import train
+
+    ready, release = Path(sys.argv[1]), Path(sys.argv[2])
+    real_fit = train.Trainer.fit
+
+    def held_fit(self):  # the run folder is locked and set up; hold it until the test says go
+        ready.write_text(str(os.getpid()))
+        while not release.exists():
+            time.sleep(0.05)
+        return real_fit(self)
+
+    train.Trainer.fit = held_fit
+    sys.exit(train.main(sys.argv[3:]))
+    """
+)
+
+
+def _start_holder(tmp_path: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    script = tmp_path / "holding_train.py"
+    script.write_text(HOLDING_TRAIN)
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, str(script), str(ready), str(release), *args], cwd=REPO, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for(ready, holder, "the first training")
+    return holder, release
+
+
+def test_a_second_training_on_a_busy_run_folder_fails_at_once_naming_the_holder(voc_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _args(voc_root, out, "train.max_iters=2")
+    holder, release = _start_holder(tmp_path, args)
+    try:
+        before = _snapshot(out)
+        assert train.main([*args, "train.resume=auto"]) == 2  # resume=auto must not attach to the live run either
+        err = capsys.readouterr().err
+        assert f"error: run folder {out} is in use by another training" in err
+        assert f"pid {holder.pid}" in err and "Traceback" not in err
+        assert _snapshot(out) == before  # the second run wrote nothing
+    finally:
+        release.write_text("")
+        stdout, stderr = holder.communicate(timeout=600)
+    assert holder.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert sorted(_train_records(out)) == [1, 2]  # one history, not two interleaved
+    assert read_checkpoint(out / "checkpoints" / "last.pth")["step"] == 2
+    assert (out / ".lock").read_text() == ""  # released cleanly
+
+
+def test_the_lock_of_a_killed_training_is_taken_over(voc_root, tmp_path):
+    out = tmp_path / "run"
+    args = _args(voc_root, out, "train.max_iters=2")
+    holder, _ = _start_holder(tmp_path, args)
+    holder.kill()  # SIGKILL: no chance to release anything
+    holder.communicate()
+    assert json.loads((out / ".lock").read_text())["pid"] == holder.pid  # the dead holder's details are still there
+    assert train.main(args) == 0
+    log = (out / "train.log").read_text()
+    assert "took over the lock" in log and f"pid {holder.pid}" in log
+    assert read_checkpoint(out / "checkpoints" / "last.pth")["step"] == 2
+
+
+def test_a_fresh_run_refuses_a_folder_holding_checkpoints(voc_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _args(voc_root, out, "train.max_iters=2")
+    assert train.main(args) == 0
+    before = (out / "checkpoints" / "last.pth").read_bytes()
+    capsys.readouterr()
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints of an earlier training" in err and "train.resume=auto" in err
+    assert (out / "checkpoints" / "last.pth").read_bytes() == before
+
+
+def test_resume_refuses_a_changed_recipe_names_the_keys_and_records_overrides(voc_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _args(voc_root, out, "train.max_iters=4")
+    assert train.main([*args, "train.stop_iter=2"]) == 0
+    config, checkpoint = (out / "config.yaml").read_text(), (out / "checkpoints" / "last.pth").read_bytes()
+    capsys.readouterr()
+
+    assert train.main([*args, "train.resume=auto", "train.lr=1e-3", "train.batch_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size: 2 -> 4; train.lr: 0.0005 -> 0.001" in err
+    assert "train.resume_allow_changes=[train.batch_size,train.lr]" in err
+    assert (out / "config.yaml").read_text() == config  # refused: nothing rewritten
+    assert (out / "checkpoints" / "last.pth").read_bytes() == checkpoint
+
+    # allowed changes pass freely; the others pass when named, and both are recorded
+    changed = ["train.log_every=2", "eval.crf_workers=1", "train.lr=1e-3", "train.batch_size=4"]
+    assert (
+        train.main([*args, "train.resume=auto", *changed, "train.resume_allow_changes=[train.lr,train.batch_size]"])
+        == 0
+    )
+    (record,) = read_metrics(out / "metrics.jsonl", kind="resume")
+    assert record["step"] == 2 and record["checkpoint"] == str(out / "checkpoints" / "last.pth")
+    assert record["overridden"] == {"train.batch_size": [2, 4], "train.lr": [0.0005, 0.001]}
+    assert record["changed"]["train.log_every"] == [1, 2] and record["changed"]["eval.crf_workers"] == [0, 1]
+    log = (out / "train.log").read_text()
+    assert "resuming with a changed recipe: train.batch_size: 2 -> 4; train.lr: 0.0005 -> 0.001" in log
+    final = read_checkpoint(out / "checkpoints" / "last.pth")
+    assert final["config"]["train"]["lr"] == 1e-3
+    # the data stream continues where it was: 2 steps of 2 images, then 2 steps of 4 (not 4 steps of 4)
+    assert final["extra"]["samples_done"] == 2 * 2 + 2 * 4
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_clear_error(voc_root, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 2:  # the first checkpoint (iter_000001 + last) fits, the next does not
+            Path(path).write_bytes(b"\0" * 64)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    assert train.main(_args(voc_root, out, "train.max_iters=3", "train.ckpt_every=1")) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write checkpoint {out / 'checkpoints' / 'iter_000002.pth'}" in err
+    assert "free on its file system" in err and "(newest complete checkpoint: " in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert read_checkpoint(out / "checkpoints" / "last.pth")["step"] == 1
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.max_iters=0", "train.max_iters must be a positive integer, got 0"),
+     ("train.ckpt_every=0", "train.ckpt_every must be a positive integer, got 0"),
+     ("data.crop_size=72", "data.crop_size must be a multiple of 2·patch = 16")],
+)  # fmt: skip
+def test_nonsense_configs_stop_before_anything_runs(voc_root, tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    assert train.main(_args(voc_root, out, override)) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not out.exists()

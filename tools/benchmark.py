@@ -27,6 +27,7 @@ from utils import cam as camlib
 from utils.config import add_config_arguments, load_config
 from utils.crf import dense_crf
 from utils.engine import TrainStep
+from utils.errors import exit_on_user_error
 from utils.inference import predict_seg_logits
 from utils.optim import build_optimizer
 from utils.run import crf_params
@@ -141,33 +142,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    overrides = ["data.root=unused", "run.out_dir=unused", *args.overrides]
-    cfg = load_config(args.config, overrides) if args.run is None else load_config(args.run / "config.yaml", overrides)
-    if int(cfg.run.num_threads) > 0:
-        torch.set_num_threads(int(cfg.run.num_threads))
-    device = torch.device("cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu")
-    stages = [s.strip() for s in args.what.split(",") if s.strip()]
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown:
-        parser.error(f"unknown stage(s) {unknown}; choose from {STAGES}")
-    size = tuple(args.image_size) if args.image_size else (int(cfg.data.crop_size),) * 2
-    results = {"machine": machine(), "backbone": str(cfg.model.backbone), "device": device.type}
-    results["parameters"] = sum(p.numel() for p in build_model(cfg).parameters())
-    runners = {
-        "train": lambda: bench_train(cfg, device, args.iters),
-        "cam": lambda: bench_cam(cfg, device, args.iters, size),
-        "seg": lambda: bench_seg(cfg, device, args.iters, size),
-        "crf": lambda: bench_crf(cfg, args.iters, size),
-    }
-    print(f"{results['machine']} | {cfg.model.backbone} ({results['parameters']:,} parameters) on {device.type}")
-    for stage in stages:
-        results[stage] = runners[stage]()
-        figures = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results[stage].items())
-        print(f"{stage:6s} {figures}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+
+    def body() -> int:
+        overrides = ["data.root=unused", "run.out_dir=unused", *args.overrides]
+        cfg = (
+            load_config(args.config, overrides)
+            if args.run is None
+            else load_config(args.run / "config.yaml", overrides)
+        )
+        if int(cfg.run.num_threads) > 0:
+            torch.set_num_threads(int(cfg.run.num_threads))
+        device = torch.device("cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu")
+        stages = [s.strip() for s in args.what.split(",") if s.strip()]
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown:
+            parser.error(f"unknown stage(s) {unknown}; choose from {STAGES}")
+        size = tuple(args.image_size) if args.image_size else (int(cfg.data.crop_size),) * 2
+        results = {"machine": machine(), "backbone": str(cfg.model.backbone), "device": device.type}
+        results["parameters"] = sum(p.numel() for p in build_model(cfg).parameters())
+        runners = {
+            "train": lambda: bench_train(cfg, device, args.iters),
+            "cam": lambda: bench_cam(cfg, device, args.iters, size),
+            "seg": lambda: bench_seg(cfg, device, args.iters, size),
+            "crf": lambda: bench_crf(cfg, args.iters, size),
+        }
+        print(f"{results['machine']} | {cfg.model.backbone} ({results['parameters']:,} parameters) on {device.type}")
+        for stage in stages:
+            results[stage] = runners[stage]()
+            figures = "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results[stage].items()
+            )
+            print(f"{stage:6s} {figures}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return 0
+
+    return exit_on_user_error(body)
 
 
 if __name__ == "__main__":

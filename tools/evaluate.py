@@ -23,6 +23,9 @@ mean accuracy, per-class IoU / precision / recall and FP / FN shares). Rank 0 pr
 the source, or ``cams_aux`` for ``--cam-key cam_aux``. With ``--log FILE`` (or ``eval.results_log``) one JSON line
 ``{tag, time, run, source, split, miou, ...}`` is appended to FILE (``--tag`` defaults to the name). The
 ``checkpoint`` recorded is the one ``eval.checkpoint`` resolves to now (None if the run has none).
+
+A missing or malformed prediction, a bad option or config value ends the tool with one ``error: ...`` line naming the
+file or key and exit code 2 (``utils.errors``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,11 +52,12 @@ from tqdm import tqdm
 from datasets import build_dataset
 from datasets.classes import class_names
 from utils import dist
-from utils.config import add_config_arguments, config_from_args
+from utils.config import ConfigError, add_config_arguments, config_from_args
+from utils.errors import InputError, exit_on_user_error
 from utils.io import atomic_write_json, read_label_png
 from utils.logging import setup_logging
 from utils.metrics import CamThresholdSweep, ConfusionMatrix, cam_to_label, format_table
-from utils.run import load_npz, resolve_checkpoint, split_name
+from utils.run import load_npz, resolve_checkpoint, split_name, sweep_temp_files
 from utils.visualize import plot_sweep
 
 logger = logging.getLogger("tools.evaluate")
@@ -104,11 +109,11 @@ def read_cams(path: Path, key: str) -> CamMaps:
     arrays = load_npz(path)
     missing = [name for name in ("classes", key) if name not in arrays]
     if missing:
-        raise KeyError(f"CAM file {path} lacks array(s) {missing}; it holds {sorted(arrays)}")
+        raise InputError(f"CAM file {path} lacks array(s) {missing}; it holds {sorted(arrays)}")
     classes = arrays["classes"].astype(np.int64).reshape(-1)
     cams = arrays[key]
     if cams.ndim != 3 or cams.shape[0] != classes.size:
-        raise ValueError(f"CAM file {path}: {key} must be [K, H, W] with K = {classes.size}, got {cams.shape}")
+        raise InputError(f"CAM file {path}: {key} must be [K, H, W] with K = {classes.size}, got {cams.shape}")
     return cams, classes
 
 
@@ -140,7 +145,7 @@ def cam_map_predictions(
 def sweep_thresholds(start: float, stop: float, step: float) -> list[float]:
     """``start, start + step, ..., stop`` (inclusive), each rounded to 6 decimals so 0.1 + 0.2 prints as 0.3."""
     if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)) or step <= 0 or stop < start:
-        raise ValueError(
+        raise ConfigError(
             f"eval.sweep_start / sweep_stop / sweep_step must be finite with step > 0 and stop >= start, "
             f"got {start} / {stop} / {step}"
         )
@@ -222,20 +227,20 @@ def accumulate(
 ) -> None:
     """Feed ``(id, prediction)`` pairs and their ground truth (decoded in ``pool`` too) to ``scorer``."""
     gts = ordered_map(read_label_png, gt_paths, pool, ahead)
-    progress = tqdm(total=len(gt_paths), desc="evaluate", disable=not dist.is_main_process(), dynamic_ncols=True)
-    for (name, pred), gt_path, gt in zip(predictions, gt_paths, gts, strict=True):
-        path = folder / f"{name}{suffix}"
-        if _shape(pred) != gt.shape:
-            raise ValueError(
-                f"prediction {path} is {'x'.join(map(str, _shape(pred)))} (HxW) but its ground truth {gt_path} is "
-                f"{gt.shape[0]}x{gt.shape[1]}"
-            )
-        try:
-            scorer.update(pred, gt)
-        except ValueError as err:  # e.g. a class id out of range, from ConfusionMatrix
-            raise ValueError(f"{path} (ground truth {gt_path}): {err}") from None
-        progress.update(1)
-    progress.close()
+    # closed however the loop ends, so an error message starts on a line of its own
+    with tqdm(total=len(gt_paths), desc="evaluate", disable=not dist.is_main_process(), dynamic_ncols=True) as progress:
+        for (name, pred), gt_path, gt in zip(predictions, gt_paths, gts, strict=True):
+            path = folder / f"{name}{suffix}"
+            if _shape(pred) != gt.shape:
+                raise InputError(
+                    f"prediction {path} is {'x'.join(map(str, _shape(pred)))} (HxW) but its ground truth {gt_path} is "
+                    f"{gt.shape[0]}x{gt.shape[1]}"
+                )
+            try:
+                scorer.update(pred, gt)
+            except ValueError as err:  # e.g. a class id out of range, from ConfusionMatrix
+                raise InputError(f"{path} (ground truth {gt_path}): {err}") from None
+            progress.update(1)
 
 
 # ---------------------------------------------------------------------------------------------- the tool
@@ -296,15 +301,18 @@ def evaluate(
     Returns:
         The result dict written to the JSON file (the same on every rank).
     """
+    started = time.time()
     if source not in SOURCES:
-        raise ValueError(f"--source must be one of {sorted(SOURCES)}, got {source!r}")
+        raise InputError(f"--source must be one of {sorted(SOURCES)}, got {source!r}")
     if source != "cams" and (sweep or cam_key is not None):
-        raise ValueError(f"--sweep and --cam-key apply to --source cams only, not {source!r}")
+        raise InputError(f"--sweep and --cam-key apply to --source cams only, not {source!r}")
     cam_key = cam_key or "cam"
     if cam_key not in CAM_KEYS:
-        raise ValueError(f"--cam-key must be one of {CAM_KEYS}, got {cam_key!r}")
+        raise InputError(f"--cam-key must be one of {CAM_KEYS}, got {cam_key!r}")
     dist.init_distributed(str(cfg.run.device), int(cfg.run.num_threads))
     setup_logging(cfg.run.out_dir, dist.get_rank(), "evaluate.log")
+    if dist.is_main_process():  # rank 0 alone writes RUN/eval, at the end: no other writer to wait for
+        sweep_temp_files(Path(cfg.run.out_dir) / "eval", started)
     name = "cams_aux" if source == "cams" and cam_key == "cam_aux" else source
     split = split_name(cfg)
     dataset = build_dataset(cfg, split, "eval")
@@ -398,12 +406,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.source != "cams" and (args.sweep or args.cam_key is not None):
         parser.error("--sweep and --cam-key apply to --source cams only")
-    cfg = config_from_args(args)
-    try:
-        evaluate(cfg, args.source, sweep=args.sweep, cam_key=args.cam_key, tag=args.tag, log=args.log)
-        return 0
-    finally:
-        dist.cleanup()
+
+    def body() -> int:
+        cfg = config_from_args(args)
+        try:
+            evaluate(cfg, args.source, sweep=args.sweep, cam_key=args.cam_key, tag=args.tag, log=args.log)
+            return 0
+        finally:
+            dist.cleanup()
+
+    return exit_on_user_error(body)
 
 
 if __name__ == "__main__":

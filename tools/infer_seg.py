@@ -21,7 +21,9 @@ Scales, flip and fusion come from ``eval.*``. Work is sharded over torchrun rank
 resumable per output folder: an image is skipped where its outputs exist, so a second run does no work, and a run
 with ``eval.crf=true`` after a plain one only does the CRF work (recomputing the logits, never requiring saved ones).
 Each folder's ``settings.json`` records what determines its outputs (checkpoint, scales, fusion, CRF parameters);
-resuming with other settings is refused rather than mixing outputs.
+resuming with other settings is refused rather than mixing outputs (a folder that holds no prediction yet is
+re-claimed instead). Temporary files a killed run left in the output folders are swept at start, and the DenseCRF
+workers (and their forkserver) die with the process that started them, even when it is SIGKILLed (``utils.crf``).
 CRF jobs stream through a process pool as the network produces them and results are written as they come back, so
 at most a few images' probabilities are ever held in memory.
 """
@@ -43,17 +45,18 @@ from tqdm import tqdm
 
 from datasets import build_dataset, collate_eval
 from utils import dist
+from utils.config import ConfigError
 from utils.crf import CRFPool
 from utils.inference import autocast, autocast_name, check_resize_mode, predict_seg_logits
 from utils.io import save_label_png
 from utils.logging import setup_logging
 from utils.run import (
-    check_settings,
     checkpoint_identity,
     crf_params,
     load_trained_model,
     output_dir,
     pending_indices,
+    prepare_outputs,
     run_tool,
     save_npz,
     split_name,
@@ -134,7 +137,10 @@ def plan_work(cfg: DictConfig, ids: list[str], folders: Folders) -> Plan:
 def output_settings(cfg: DictConfig, device: torch.device) -> dict:
     """What determines the seg outputs; a resumed run must match it (``utils.run.check_settings``)."""
     ev = cfg.eval
-    resize_mode = check_resize_mode(str(ev.resize_mode))  # before settings.json can record a typo
+    try:  # before settings.json can record a typo
+        resize_mode = check_resize_mode(str(ev.resize_mode))
+    except ValueError as err:  # a config value: one line for the user, not a traceback
+        raise ConfigError(str(err)) from None
     return {
         "checkpoint": checkpoint_identity(cfg),
         "scales": [float(s) for s in ev.scales],
@@ -175,36 +181,38 @@ def network_stage(
     ev = cfg.eval
     progress = tqdm(total=len(plan.todo), desc="infer_seg", disable=not dist.is_main_process(), dynamic_ncols=True)
     start = time.perf_counter()
-    for index, item in zip(plan.todo, loader, strict=True):
-        name, image = item["name"][0], item["img"][0]
-        gt = item["mask"][0].numpy() if "mask" in item else None
-        tick = time.perf_counter()
-        with autocast(device, str(cfg.train.precision)):
-            logits = predict_seg_logits(model, image.to(device)[None], tuple(ev.scales), bool(ev.flip),
-                                        str(ev.flip_fusion), str(ev.scale_fusion), ev.resize,
-                                        resize_mode=str(ev.resize_mode))[0]  # fmt: skip
-        prediction = logits.argmax(0).to(torch.uint8).cpu().numpy()  # .cpu() waits for the device: timing is exact
-        stats.net_seconds += time.perf_counter() - tick
-        stats.net_images += 1
-        rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
-        if index in plan.seg:
-            save_label_png(folders.seg / f"{name}.png", prediction)
-            if folders.logits is not None:
-                save_npz(folders.logits / f"{name}.npz", {"logits": logits.to(torch.float16).cpu().numpy()})
-            if index in plan.overlays:
-                _write_overlay(folders.seg_overlays / f"{name}.png", rgb, prediction, gt)
-                stats.overlays.append(folders.seg_overlays / f"{name}.png")
-            stats.seg_images += 1
-        progress.update(1)
-        if index in plan.crf:
-            if index in plan.overlays:
-                overlay_gts[name] = gt
-            prob = torch.softmax(logits.float(), dim=0).cpu().numpy()
-            stats.producer_seconds += time.perf_counter() - start
-            yield name, rgb, prob
-            start = time.perf_counter()
-    stats.producer_seconds += time.perf_counter() - start
-    progress.close()
+    try:
+        for index, item in zip(plan.todo, loader, strict=True):
+            name, image = item["name"][0], item["img"][0]
+            gt = item["mask"][0].numpy() if "mask" in item else None
+            tick = time.perf_counter()
+            with autocast(device, str(cfg.train.precision)):
+                logits = predict_seg_logits(model, image.to(device)[None], tuple(ev.scales), bool(ev.flip),
+                                            str(ev.flip_fusion), str(ev.scale_fusion), ev.resize,
+                                            resize_mode=str(ev.resize_mode))[0]  # fmt: skip
+            prediction = logits.argmax(0).to(torch.uint8).cpu().numpy()  # .cpu() waits for the device: timing is exact
+            stats.net_seconds += time.perf_counter() - tick
+            stats.net_images += 1
+            rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+            if index in plan.seg:
+                save_label_png(folders.seg / f"{name}.png", prediction)
+                if folders.logits is not None:
+                    save_npz(folders.logits / f"{name}.npz", {"logits": logits.to(torch.float16).cpu().numpy()})
+                if index in plan.overlays:
+                    _write_overlay(folders.seg_overlays / f"{name}.png", rgb, prediction, gt)
+                    stats.overlays.append(folders.seg_overlays / f"{name}.png")
+                stats.seg_images += 1
+            progress.update(1)
+            if index in plan.crf:
+                if index in plan.overlays:
+                    overlay_gts[name] = gt
+                prob = torch.softmax(logits.float(), dim=0).cpu().numpy()
+                stats.producer_seconds += time.perf_counter() - start
+                yield name, rgb, prob
+                start = time.perf_counter()
+        stats.producer_seconds += time.perf_counter() - start
+    finally:  # however the stage ends, so an error message starts on a line of its own
+        progress.close()
 
 
 def crf_stage(
@@ -265,6 +273,7 @@ def _summarise(stats: Stats, plan_done: int, device: torch.device, split: str, c
 
 def run_inference(cfg: DictConfig) -> Stats:
     """Everything but argument parsing: the tool for an already-loaded config (also used by tests)."""
+    started = time.time()
     device = dist.init_distributed(str(cfg.run.device), int(cfg.run.num_threads))
     rank = dist.get_rank()
     setup_logging(cfg.run.out_dir, rank, "infer_seg.log")
@@ -273,9 +282,10 @@ def run_inference(cfg: DictConfig) -> Stats:
     folders = Folders.from_config(cfg, split)
     # Outputs are skipped where they exist, so refuse to mix in outputs made with other settings.
     seg_settings = output_settings(cfg, device)
-    check_settings(folders.seg, seg_settings, write=dist.is_main_process())
+    claims = [(folders.seg, seg_settings), (folders.seg_overlays, None)]
     if folders.crf is not None:
-        check_settings(folders.crf, {**seg_settings, "crf": crf_params(cfg)}, write=dist.is_main_process())
+        claims += [(folders.crf, {**seg_settings, "crf": crf_params(cfg)}), (folders.crf_overlays, None)]
+    prepare_outputs(claims, started)
     plan = plan_work(cfg, dataset.ids, folders)
     stats = Stats()
     pending = dist.all_reduce_sum(torch.tensor([len(plan.todo)], dtype=torch.int64, device=device)).item()

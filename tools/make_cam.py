@@ -13,8 +13,9 @@ scale-1.0 final tokens (``model.memory.similarity``), bilinearly upsampled to H 
 CAM + λ·S, renormalised per class to [0, 1] like §2.1 (subtract the spatial min, divide by max + 1e-5).
 
 Work is sharded over ranks (``ids[rank::world]``); images whose file exists are skipped (an interrupted export
-resumes, a finished one does nothing); files are written atomically. ``cams/<split>/settings.json`` records the
-checkpoint, scales and λ, and a later run with other settings is refused instead of mixing outputs.
+resumes, a finished one does nothing); files are written atomically, and temporary files a killed export left are
+swept at start. ``cams/<split>/settings.json`` records the checkpoint, scales and λ, and a later run with other
+settings is refused instead of mixing outputs (unless the folder holds no CAM yet: then it is re-claimed).
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ from datasets import build_dataset, collate_eval
 from models import MSFC, fuse_similarity, normalize
 from utils import dist
 from utils.cam import multiscale_cam
+from utils.config import ConfigError
 from utils.engine import label_cam_precision
 from utils.inference import autocast
 from utils.logging import setup_logging
 from utils.run import (
-    check_settings,
     checkpoint_identity,
     load_trained_model,
     output_dir,
     pending_indices,
+    prepare_outputs,
     run_tool,
     save_npz,
     split_name,
@@ -132,16 +134,17 @@ def export_cams(cfg: DictConfig) -> dict:
         Summary over all ranks: ``split``, ``folder``, ``total``, ``processed``, ``skipped``, ``seconds``,
         ``images_per_s``.
     """
+    started = time.time()
     lam = float(cfg.memory.fuse_lambda)
     if lam < 0:
-        raise ValueError(f"memory.fuse_lambda must be >= 0 (0 = no memory fusion), got {lam}")
+        raise ConfigError(f"memory.fuse_lambda must be >= 0 (0 = no memory fusion), got {lam}")
     device = dist.init_distributed(cfg.run.device, int(cfg.run.num_threads))
     rank = dist.get_rank()
     setup_logging(cfg.run.out_dir, rank, "make_cam.log")
     split = split_name(cfg)
     dataset = build_dataset(cfg, split, "eval")
     folder = output_dir(cfg, "cams", split)
-    check_settings(folder, settings(cfg), write=dist.is_main_process())
+    prepare_outputs([(folder, settings(cfg))], started)
     todo, skipped = pending_indices(dataset.ids, folder, ".npz")
     start = time.time()
     if todo:
@@ -151,15 +154,16 @@ def export_cams(cfg: DictConfig) -> dict:
         scales, max_batch = tuple(float(s) for s in cfg.cam.scales), int(cfg.cam.max_batch)
         # CAMs become labels: fp32 unless cam.precision=train (SPEC §8); autocast is a no-op on CPU anyway.
         precision = label_cam_precision(str(cfg.cam.precision), str(cfg.train.precision))
-        for item in tqdm(loader, desc=f"cams {split}", disable=rank != 0, dynamic_ncols=True):
-            x = normalize(item["img"][0].to(device)[None])
-            label = item["label"][0].to(device)[None]
-            with autocast(device, precision):
-                cam, cam_aux = multiscale_cam(model, x, scales, max_batch)
-                if lam > 0:
-                    sim = memory_similarity(model, x, label)
-                    cam, cam_aux = fuse_memory(cam, sim, lam), fuse_memory(cam_aux, sim, lam)
-            save_npz(folder / f"{item['name'][0]}.npz", cam_arrays(cam[0], cam_aux[0], label[0]))
+        with tqdm(loader, desc=f"cams {split}", disable=rank != 0, dynamic_ncols=True) as progress:
+            for item in progress:
+                x = normalize(item["img"][0].to(device)[None])
+                label = item["label"][0].to(device)[None]
+                with autocast(device, precision):
+                    cam, cam_aux = multiscale_cam(model, x, scales, max_batch)
+                    if lam > 0:
+                        sim = memory_similarity(model, x, label)
+                        cam, cam_aux = fuse_memory(cam, sim, lam), fuse_memory(cam_aux, sim, lam)
+                save_npz(folder / f"{item['name'][0]}.npz", cam_arrays(cam[0], cam_aux[0], label[0]))
     seconds = time.time() - start
     counts = dist.all_gather_object((len(todo), skipped, seconds))  # also the final barrier
     processed, skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)

@@ -17,8 +17,9 @@ Reads the ``pseudo.cam_key`` branch of ``RUN/cams/<split>/<id>.npz`` and writes 
   (``pseudo.bkg_thre``; refined like the hard label) over background + present classes only, ``pseudo.soft_dtype``.
   Expand one with ``utils.pseudo_labels.load_soft_label``.
 
-Sharded over ranks, resumable (ids whose outputs exist are skipped), atomic writes; ``settings.json`` in the output
-folder refuses a resume with different settings.
+Sharded over ranks, resumable (ids whose outputs exist are skipped), atomic writes (temporary files a killed run left
+are swept at start); ``settings.json`` in the output folder refuses a resume with different settings (a folder that
+holds no label yet is re-claimed instead).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from datasets import build_dataset
 from models.par import PAR
 from utils import dist
+from utils.config import ConfigError
 from utils.crf import CRFPool
 from utils.io import read_image, save_label_png
 from utils.logging import setup_logging
@@ -54,7 +56,7 @@ from utils.pseudo_labels import (
     soft_label,
     stack_probabilities,
 )
-from utils.run import check_settings, crf_params, output_dir, pending_indices, run_tool, save_npz, split_name
+from utils.run import crf_params, output_dir, pending_indices, prepare_outputs, run_tool, save_npz, split_name
 
 logger = logging.getLogger("tools.make_pseudo_labels")
 
@@ -81,9 +83,9 @@ class Options:
     def from_config(cls, cfg: DictConfig) -> Options:
         p = cfg.pseudo
         if p.cam_key not in CAM_KEYS:
-            raise ValueError(f"pseudo.cam_key must be one of {CAM_KEYS}, got {p.cam_key!r}")
+            raise ConfigError(f"pseudo.cam_key must be one of {CAM_KEYS}, got {p.cam_key!r}")
         if p.soft_dtype not in SOFT_DTYPES:
-            raise ValueError(f"pseudo.soft_dtype must be one of {SOFT_DTYPES}, got {p.soft_dtype!r}")
+            raise ConfigError(f"pseudo.soft_dtype must be one of {SOFT_DTYPES}, got {p.soft_dtype!r}")
         bkg = cfg.cam.bkg_thre if p.bkg_thre is None else p.bkg_thre
         return cls(
             cam_key=str(p.cam_key), bkg_thre=float(bkg), high=float(cfg.cam.high_thre), low=float(cfg.cam.low_thre),
@@ -215,6 +217,7 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
         Summary over all ranks: ``split``, ``folder``, ``total``, ``processed``, ``skipped``, ``seconds``,
         ``images_per_s``, ``ignored`` and ``foreground`` (pixel fractions of the processed labels).
     """
+    started = time.time()
     device = dist.init_distributed(cfg.run.device, int(cfg.run.num_threads))
     rank = dist.get_rank()
     setup_logging(cfg.run.out_dir, rank, "make_pseudo_labels.log")
@@ -224,10 +227,10 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
     ids = dataset.ids
     cams = cam_folder(cfg, split, ids)
     folder = output_dir(cfg, "pseudo_labels", split)
-    check_settings(folder, settings(cfg, opts), write=dist.is_main_process())
+    claims = [(folder, settings(cfg, opts))]
     if opts.soft:
-        (folder / "soft").mkdir(exist_ok=True)
-        check_settings(folder / "soft", {"soft_dtype": opts.soft_dtype}, write=dist.is_main_process())
+        claims.append((folder / "soft", {"soft_dtype": opts.soft_dtype}))
+    prepare_outputs(claims, started)
     todo, skipped = pending_indices(ids, folder, ".png")
     if opts.soft:
         todo_soft, _ = pending_indices(ids, folder / "soft", ".npz")
@@ -240,16 +243,18 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
     workers = int(cfg.eval.crf_workers) if opts.crf else 0
     with CRFPool(workers, **(pipeline.crf_params or {})) as pool:
         stream = pipeline.crf_stream(items, pool) if opts.crf else items
-        for item in tqdm(stream, total=len(todo), desc=f"pseudo {split}", disable=rank != 0, dynamic_ncols=True):
-            label, soft = pipeline.finish(item)
-            if soft is not None:
-                save_npz(folder / "soft" / f"{item.name}.npz", soft)
-            save_label_png(folder / f"{item.name}.png", label)
-            pixels += (
-                label.size,
-                int((label == IGNORE_INDEX).sum()),
-                int(((label > 0) & (label < IGNORE_INDEX)).sum()),
-            )
+        progress = tqdm(stream, total=len(todo), desc=f"pseudo {split}", disable=rank != 0, dynamic_ncols=True)
+        with progress:  # closed however the loop ends, so an error message starts on a line of its own
+            for item in progress:
+                label, soft = pipeline.finish(item)
+                if soft is not None:
+                    save_npz(folder / "soft" / f"{item.name}.npz", soft)
+                save_label_png(folder / f"{item.name}.png", label)
+                pixels += (
+                    label.size,
+                    int((label == IGNORE_INDEX).sum()),
+                    int(((label > 0) & (label < IGNORE_INDEX)).sum()),
+                )
     seconds = time.time() - start
     counts = dist.all_gather_object((len(todo), skipped, seconds, pixels.tolist()))  # also the final barrier
     processed, skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from datasets.synthetic import CROWD_PROB, generate
+from utils.errors import exit_on_user_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,26 +29,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="rendering processes (0 = this process)")
     parser.add_argument("--crowd-prob", type=float, default=CROWD_PROB, help="COCO layout: chance of iscrowd=1")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-    summary = generate(
-        args.out_dir,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        seed=args.seed,
-        layout=args.layout,
-        min_size=args.min_size,
-        max_size=args.max_size,
-        workers=args.workers,
-        crowd_prob=args.crowd_prob,
-    )
-    seconds = time.perf_counter() - start
-    splits = ", ".join(f"{name} {len(ids)}" for name, ids in summary["splits"].items())
-    print(
-        f"wrote {summary['num_images']} images ({splits}) with {summary['num_objects']} objects "
-        f"in the {summary['layout']} layout to {args.out_dir} in {seconds:.1f} s"
-    )
-    print("objects per class: " + ", ".join(f"{name} {count}" for name, count in summary["class_counts"].items()))
-    return 0
+
+    def body() -> int:
+        start = time.perf_counter()
+        summary = generate(
+            args.out_dir,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            seed=args.seed,
+            layout=args.layout,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            workers=args.workers,
+            crowd_prob=args.crowd_prob,
+        )
+        seconds = time.perf_counter() - start
+        splits = ", ".join(f"{name} {len(ids)}" for name, ids in summary["splits"].items())
+        print(
+            f"wrote {summary['num_images']} images ({splits}) with {summary['num_objects']} objects "
+            f"in the {summary['layout']} layout to {args.out_dir} in {seconds:.1f} s"
+        )
+        print("objects per class: " + ", ".join(f"{name} {count}" for name, count in summary["class_counts"].items()))
+        return 0
+
+    return exit_on_user_error(body)
 
 
 if __name__ == "__main__":

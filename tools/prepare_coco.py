@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from datasets.classes import COCO_ID_TO_LABEL
 from datasets.coco import COCO_LAYOUT, val_part_ids  # the one rule and the label-file path, shared with the reader
+from utils.errors import exit_on_user_error
 from utils.io import atomic_write_text, save_label_png
 
 logger = logging.getLogger(__name__)
@@ -251,15 +252,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="splits to prepare")
     parser.add_argument("--workers", type=int, default=0, help="processes for writing masks (0 = this process)")
     args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = prepare(args.root, splits=args.splits, workers=args.workers)
-    for split, counts in summary.items():
-        print(
-            f"{split}2014: {counts['images']} images, masks written {counts['written']} / skipped {counts['skipped']}, "
-            f"{counts['instances']} instances, {counts['crowd']} crowd regions"
-            + (f", {counts['missing_images']} JPEGs missing" if counts["missing_images"] else "")
-        )
-    return 0
+
+    def body() -> int:
+        summary = prepare(args.root, splits=args.splits, workers=args.workers)
+        for split, counts in summary.items():
+            print(
+                f"{split}2014: {counts['images']} images, masks written {counts['written']} / skipped "
+                f"{counts['skipped']}, {counts['instances']} instances, {counts['crowd']} crowd regions"
+                + (f", {counts['missing_images']} JPEGs missing" if counts["missing_images"] else "")
+            )
+        return 0
+
+    return exit_on_user_error(body)
 
 
 if __name__ == "__main__":

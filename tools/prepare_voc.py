@@ -2,10 +2,12 @@
 
 Usage: ``python -m tools.prepare_voc ROOT [--deep]`` with ROOT = ``.../VOCdevkit/VOC2012``.
 
-Checks the required folders and split lists, ids listed without an image or mask, a derived ``train_aug``
-(aug masks minus val) when no list exists, train_aug/val overlap, and the counts per split against the official
-10,582 / 1,464 / 1,449 (/ 1,456 test). ``--deep`` also opens every mask of the checked splits (values, size).
-Exits 1 when something is wrong, 0 with a summary when the tree is usable. Nothing is written.
+Checks the required folders and split lists, ids listed twice, ids listed without an image or mask, a derived
+``train_aug`` (aug masks minus val) when no list exists, train_aug/val overlap, and the counts per split against the
+official 10,582 / 1,464 / 1,449 (/ 1,456 test). ``--deep`` also decodes every image of every split found and every
+mask of the splits with masks, in full (a truncated JPEG opens but fails to decode, at the same sample on every
+resume), and checks mask values and sizes; each broken file is reported by name. Exits 1 when something is wrong,
+0 with a summary when the tree is usable. Nothing is written.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from tqdm import tqdm
 
 from datasets.base import mask_classes, preview_ids, read_id_list, scan_ids
 from datasets.voc import AUG_MASK_DIR, VOC_LAYOUT, derive_voc_ids
+from utils.io import probe_image
 
 # Folders every use needs (images, lists, official masks) and the aug masks that the default train_aug split needs.
 REQUIRED_DIRS = (VOC_LAYOUT.image_dir, "ImageSets/Segmentation", *VOC_LAYOUT.mask_dirs)
@@ -42,7 +45,11 @@ def _split_ids(root: Path, split: str, report: Report) -> list[str] | None:
     """Ids of ``split`` from its list file, or derived (train_aug only); None when unavailable."""
     path = VOC_LAYOUT.list_path(root, split)
     if path.is_file():
-        ids = read_id_list(path)
+        try:
+            ids = read_id_list(path)
+        except ValueError as err:  # an id listed twice
+            report.errors.append(str(err))
+            return None
         if not ids:
             report.errors.append(f"split list {path} is empty")
         return ids
@@ -51,7 +58,7 @@ def _split_ids(root: Path, split: str, report: Report) -> list[str] | None:
     elif split == "train_aug":
         try:
             ids = derive_voc_ids(VOC_LAYOUT, root, split)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ValueError) as err:
             report.errors.append(str(err))
             return None
         report.notes.append(f"no {path.name}: train_aug derived as {AUG_MASK_DIR} ids minus val ids ({len(ids)})")
@@ -61,22 +68,38 @@ def _split_ids(root: Path, split: str, report: Report) -> list[str] | None:
     return None
 
 
-def _deep_check(root: Path, split: str, ids: list[str], masks: dict[str, Path], report: Report) -> None:
-    """Open every mask of ``split``: values in 0..20 or 255, same size as its image."""
-    for i in ids:
+def _deep_check(
+    split_ids: dict[str, list[str]], images: dict[str, Path], masks: dict[str, Path], report: Report
+) -> None:
+    """Decode each image of ``split_ids`` and each mask of the splits with masks once, in full; masks also have
+    values in 0..20 or 255 and their image's size. Errors name the file and the split(s) that use it."""
+    uses: dict[str, list[str]] = {}
+    for split, ids in split_ids.items():
+        for i in ids:
+            uses.setdefault(i, []).append(split)
+    num_classes = len(VOC_LAYOUT.class_names)
+    for i, splits in tqdm(uses.items(), desc="decoding images and masks", unit="image", mininterval=1.0):
+        where = "/".join(splits)
+        image_size = None
+        if i in images:  # a missing image is reported by the quick check already
+            try:
+                _, image_size = probe_image(images[i], decode=True)
+            except OSError as err:
+                report.errors.append(f"{where}: {err}")
         mask_path = masks.get(i)
-        if mask_path is None:
+        if mask_path is None or not any(split in SPLITS_WITH_MASKS for split in splits):
             continue
         try:
-            mask_classes(mask_path, len(VOC_LAYOUT.class_names))
-            with Image.open(mask_path) as mask, Image.open(root / VOC_LAYOUT.image_dir / f"{i}.jpg") as image:
-                if mask.size != image.size:
-                    report.errors.append(
-                        f"{split}: mask {mask_path} is {mask.size[0]}x{mask.size[1]} (WxH) but its image is "
-                        f"{image.size[0]}x{image.size[1]}"
-                    )
+            _, mask_size = probe_image(mask_path, decode=True)
+            mask_classes(mask_path, num_classes)
         except (OSError, ValueError) as err:
-            report.errors.append(f"{split}: {err}")
+            report.errors.append(f"{where}: {err}")
+            continue
+        if image_size is not None and mask_size != image_size:
+            report.errors.append(
+                f"{where}: mask {mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {images[i]} is "
+                f"{image_size[0]}x{image_size[1]}"
+            )
 
 
 def check_voc(root: str | Path, deep: bool = False) -> Report:
@@ -92,7 +115,8 @@ def check_voc(root: str | Path, deep: bool = False) -> Report:
     if VOC_LAYOUT.annotation_dir and not (root / VOC_LAYOUT.annotation_dir).is_dir():
         report.notes.append(f"no {VOC_LAYOUT.annotation_dir}/ (only needed for labels of images without masks)")
 
-    images = scan_ids(root / VOC_LAYOUT.image_dir, VOC_LAYOUT.image_ext)
+    image_dir = root / VOC_LAYOUT.image_dir
+    images = {i: image_dir / f"{i}{VOC_LAYOUT.image_ext}" for i in scan_ids(image_dir, VOC_LAYOUT.image_ext)}
     masks: dict[str, Path] = {}
     for sub in VOC_LAYOUT.mask_dirs:  # official masks take precedence, as in the dataset reader
         for i in scan_ids(root / sub, ".png"):
@@ -117,8 +141,8 @@ def check_voc(root: str | Path, deep: bool = False) -> Report:
                     f"{split}: {len(no_mask)} id(s) without mask in {' or '.join(VOC_LAYOUT.mask_dirs)}: "
                     f"{preview_ids(no_mask)}"
                 )
-            if deep:
-                _deep_check(root, split, ids, masks, report)
+    if deep:
+        _deep_check(split_ids, images, masks, report)
     if "train_aug" in split_ids and "val" in split_ids:
         leaked = sorted(set(split_ids["train_aug"]) & set(split_ids["val"]))
         if leaked:
@@ -135,7 +159,11 @@ def check_voc(root: str | Path, deep: bool = False) -> Report:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="the VOC2012 folder (VOCdevkit/VOC2012)")
-    parser.add_argument("--deep", action="store_true", help="also open every mask (values 0..20/255, image size)")
+    parser.add_argument(
+        "--deep",
+        action="store_true",
+        help="also decode every image and mask in full (truncated / corrupt files) and check mask values and sizes",
+    )
     args = parser.parse_args(argv)
     report = check_voc(args.root, deep=args.deep)
     for note in report.notes:

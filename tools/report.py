@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from utils.config import add_config_arguments, config_from_args, load_run_config
+from utils.errors import InputError, exit_on_user_error
 from utils.io import atomic_write_json, atomic_write_text
 from utils.logging import read_metrics, setup_logging
 
@@ -75,7 +76,16 @@ def protocol_splits(cfg: DictConfig) -> tuple[str, str]:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A JSON object written by another tool, or None when the file does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise InputError(f"{path} is not valid JSON ({err}); rerun the tool that wrote it, or delete it") from err
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a JSON object, got {type(data).__name__}; rerun the tool that wrote it")
+    return data
 
 
 def split_results(run: Path, split: str) -> dict[str, Any]:
@@ -232,21 +242,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="with --compare: also write the table here")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    if args.compare:
-        table = compare(args.compare)
-        if args.out:
-            atomic_write_text(args.out, table)
-        print(table, end="")
+
+    def body() -> int:
+        if args.compare:
+            table = compare(args.compare)
+            if args.out:
+                atomic_write_text(args.out, table)
+            print(table, end="")
+            return 0
+        cfg = config_from_args(args)
+        if args.print_splits:
+            print(*protocol_splits(cfg))
+            return 0
+        setup_logging(cfg.run.out_dir, 0, "report.log")
+        out = write_report(cfg, seconds=args.seconds)
+        print((out / "results.md").read_text(), end="")
+        logger.info("wrote %s", out)
         return 0
-    cfg = config_from_args(args)
-    if args.print_splits:
-        print(*protocol_splits(cfg))
-        return 0
-    setup_logging(cfg.run.out_dir, 0, "report.log")
-    out = write_report(cfg, seconds=args.seconds)
-    print((out / "results.md").read_text(), end="")
-    logger.info("wrote %s", out)
-    return 0
+
+    return exit_on_user_error(body)
 
 
 if __name__ == "__main__":

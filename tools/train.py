@@ -3,6 +3,12 @@
 Single process:  python -m tools.train --config configs/voc.yaml data.root=... run.out_dir=runs/voc
 Several GPUs:    torchrun --nproc_per_node=4 -m tools.train --config configs/voc.yaml ...   (see train_run_VOC.sh)
 Resume:          the same command with train.resume=auto (or train.resume=PATH)
+
+Reliability (docs/reliability.md): one training per run folder (``RUN/.lock``, utils/lock.py), and a fresh run refuses
+a folder that already holds checkpoints; the checkpoint of a step is on disk before that step is validated, and the
+validation files are checked at start-up; a resume refuses a checkpoint trained with another recipe unless
+``train.resume_allow_changes`` names the changes (recorded in metrics.jsonl, kind ``resume``); every random stream is
+checkpointed and validation leaves them untouched, so a resumed run is bit-identical to one that never stopped.
 """
 
 from __future__ import annotations
@@ -26,19 +32,37 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import build_dataset
+from datasets.base import pair_problems
 from models import build_model
 from utils import dist
 from utils.checkpoint import (
+    LAST,
+    CheckpointError,
     checkpoint_dir,
     find_latest,
     gather_rng_states,
-    load_checkpoint,
+    preserved_rng,
     prune_numbered,
+    rank_rng_state,
+    read_checkpoint,
     remove_partial_files,
+    restore_checkpoint,
     save_checkpoint,
+    set_rng_state,
 )
-from utils.config import add_config_arguments, config_from_args, save_config
+from utils.config import (
+    RESUME_MAY_CHANGE,
+    ConfigError,
+    add_config_arguments,
+    config_changes,
+    config_from_args,
+    covers,
+    format_changes,
+    save_config,
+)
 from utils.engine import TrainStep, heads_in_use, set_heads_trainable, validate
+from utils.errors import UserError, exit_on_user_error
+from utils.lock import RunLock, RunLockedError, describe_holder
 from utils.logging import MetricsWriter, setup_logging
 from utils.optim import build_optimizer, lr_factor, set_lr
 from utils.sampler import InfiniteSampler
@@ -50,6 +74,8 @@ LOCAL_STATE = ("memory.acc_",)
 # Validation metric -> the checkpoint holding its best score so far (eval.checkpoint=best_cam | best_seg). Each metric
 # keeps its own best: a CAM mIoU and a segmentation mIoU are not comparable numbers.
 BEST_FILES = {"cam_miou": "best_cam.pth", "seg_miou": "best_seg.pth"}
+# How many problems a start-up error lists before summarising the rest as a count.
+SHOW_PROBLEMS = 5
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,22 +121,123 @@ def restore_best(saved: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     return best
 
 
+def agree(problem: str | None) -> None:
+    """Raise ``problem`` as a :class:`UserError` on every rank if any rank has one (collective; rank order wins)."""
+    found = [p for p in dist.all_gather_object(problem) if p]
+    if found:
+        raise UserError(found[0])
+
+
+def check_val_files(dataset: Any, split: str) -> int:
+    """Check, before training, that validation can read every image and mask of ``split`` (collective).
+
+    Opens each file's header only (PIL's ``Image.open`` does not decode pixels), sharded over ranks: a missing,
+    empty or non-image file, a mask that is not a palette / grey PNG, or a mask whose size differs from its image's
+    would otherwise stop the run at its first validation, hours in. Uses the dataset's ``image_paths`` and
+    ``mask_paths`` (None where an image has no mask).
+
+    Returns:
+        The number of images checked.
+
+    Raises:
+        UserError: on every rank, listing the first problems (each naming its file) and their count.
+    """
+    images, masks = list(dataset.image_paths), list(dataset.mask_paths)
+    if all(mask is None for mask in masks):
+        raise UserError(
+            f"data.val_split={split} has no masks, and validation (train.eval_every > 0) scores against them: "
+            "use a split with masks or set train.eval_every=0"
+        )
+    # the dataset's own header check (datasets.base.pair_problems), sharded over the ranks
+    mine = [
+        problem
+        for index in dist.shard(range(len(images)))
+        for problem in pair_problems((images[index], masks[index]), decode=False)
+    ]
+    problems = [problem for found in dist.all_gather_object(mine) for problem in found]
+    if problems:
+        shown = "; ".join(problems[:SHOW_PROBLEMS])
+        more = f"; ... ({len(problems)} problems in all)" if len(problems) > SHOW_PROBLEMS else ""
+        raise UserError(
+            f"data.val_split={split}: validation (train.eval_every > 0) cannot use these files: {shown}{more}. "
+            "Fix or remove them, or set train.eval_every=0"
+        )
+    return len(images)
+
+
 class Trainer:
-    """Owns the model, optimiser, data stream and run folder of one training run."""
+    """Owns the model, optimiser, data stream and run folder of one training run.
+
+    Holds the run folder's lock from construction to :meth:`close` (a failed construction releases it).
+    """
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        self.lock: RunLock | None = None
+        self.metrics: MetricsWriter | None = None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the metrics writer and release the run folder (idempotent)."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _take_lock(self) -> None:
+        """Rank 0 locks the run folder before anything is written into it; every rank stops if it cannot."""
+        problem = None
+        if self.rank == 0:
+            try:
+                self.lock = RunLock(self.out_dir).acquire()
+            except RunLockedError as err:
+                problem = str(err)
+        agree(problem)
+
+    def _refuse_used_folder(self) -> None:
+        """A fresh run (train.resume=null) must not train over another run's checkpoints (collective)."""
+        problem = None
+        if self.rank == 0 and self.cfg.train.resume is None:
+            folder = checkpoint_dir(self.out_dir)
+            found = sorted(p.name for p in folder.glob("*.pth")) if folder.is_dir() else []
+            if found:
+                problem = (
+                    f"run folder {self.out_dir} already holds checkpoints of an earlier training "
+                    f"({', '.join(found[:SHOW_PROBLEMS])}{', ...' if len(found) > SHOW_PROBLEMS else ''}): continue "
+                    "it with train.resume=auto, or train into another run.out_dir"
+                )
+        agree(problem)
+
+    def _setup(self) -> None:
+        cfg = self.cfg
         self.device = dist.init_distributed(cfg.run.device, int(cfg.run.num_threads))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.out_dir = Path(cfg.run.out_dir)
+        self._take_lock()
         setup_logging(self.out_dir, self.rank)
+        if self.lock is not None and self.lock.unavailable:
+            logger.warning("%s: this run folder is not locked, so nothing stops a second training from writing into it",
+                           self.lock.unavailable)  # fmt: skip
+        if self.lock is not None and self.lock.previous:
+            logger.warning("took over the lock of %s from a training that ended without releasing it (%s)",
+                           self.out_dir, describe_holder(self.lock.previous))  # fmt: skip
         seed_everything(int(cfg.run.seed) + self.rank)
         tc = cfg.train
         if self.device.type == "cpu" and tc.precision != "fp32":
             logger.info("train.precision=%s applies to CUDA only; this CPU run uses fp32", tc.precision)
+        self._refuse_used_folder()
 
         self.train_set = build_dataset(cfg, cfg.data.train_split, "train")
         self.val_set = build_dataset(cfg, cfg.data.val_split, "eval") if int(tc.eval_every) > 0 else None
+        if self.val_set is not None:
+            begin = time.time()
+            count = check_val_files(self.val_set, str(cfg.data.val_split))
+            logger.info("checked the headers of %d validation images and masks in %.1f s", count, time.time() - begin)
         self.model = build_model(cfg).to(self.device)
         groups = self.model.param_groups(float(tc.lr), float(tc.head_lr_mult), float(tc.weight_decay))
         self.optimizer = build_optimizer(groups, tc.betas, float(tc.weight_decay))
@@ -119,36 +246,113 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(int(cfg.run.seed) * 7919 + self.rank)  # views, local crops
         self.step_fn = TrainStep(cfg, self.device)
         self.start_step, self.best = 0, restore_best(None)
-        self._resume()
+        # Training samples this rank had consumed at start_step (the sampler's position; a checkpoint records it, so
+        # a batch size changed on resume with train.resume_allow_changes neither repeats nor skips images).
+        self.samples_at_start: int | None = None
+        # This rank's RNG state from the checkpoint, restored in fit() right before the first step.
+        self._start_rng: dict[str, Any] | None = None
+        resumed = self._resume()
         if self.rank == 0:
             save_config(cfg, self.out_dir)
         self.metrics = MetricsWriter(self.out_dir, self.rank, resume_step=self.start_step)
-        samples_done = self.start_step * int(tc.batch_size) * int(tc.accum_steps)
-        sampler = InfiniteSampler(len(self.train_set), self.rank, self.world, int(cfg.run.seed), start=samples_done)
+        if resumed is not None:
+            self.metrics.log(self.start_step, resumed, kind="resume")
+        if self.samples_at_start is None:
+            self.samples_at_start = self.start_step * int(tc.batch_size) * int(tc.accum_steps)
+        sampler = InfiniteSampler(len(self.train_set), self.rank, self.world, int(cfg.run.seed),
+                                  start=self.samples_at_start)  # fmt: skip
         workers = int(cfg.data.num_workers)
+        # Its own generator: iter(loader) draws the workers' base seed from it, not from torch's global stream. Items
+        # do not depend on that seed (crops come from the sampler's per-sample seeds).
+        self.loader_generator = torch.Generator().manual_seed(int(cfg.run.seed) * 104_729 + self.rank)
         self.loader = DataLoader(
             self.train_set, batch_size=int(tc.batch_size), sampler=sampler, num_workers=workers, drop_last=True,
-            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0, generator=self.loader_generator,
         )  # fmt: skip
         self._log_setup()
 
-    def _resume(self) -> None:
+    def _resume(self) -> dict[str, Any] | None:
+        """Restore the checkpoint named by train.resume; returns the ``resume`` record for metrics.jsonl, or None."""
         resume = self.cfg.train.resume
         if resume is None:
-            return
+            return None
         if self.rank == 0:
             for partial in remove_partial_files(self.out_dir):
                 logger.info("removed %s, a checkpoint whose writing was interrupted", partial.name)
         path = find_latest(self.out_dir) if resume == "auto" else Path(resume)
         if path is None:
             logger.info("train.resume=auto: no checkpoint in %s, starting from scratch", checkpoint_dir(self.out_dir))
-            return
-        self.start_step, extra = load_checkpoint(path, self.model, self.optimizer, self.scaler, self.generator)
-        self.best = restore_best(extra.get("best"))
+            return None
+        payload = read_checkpoint(path)
+        record = self._check_resumed_config(payload, path)
+        self.start_step, extra = restore_checkpoint(payload, str(path), self.model, self.optimizer, self.scaler,
+                                                    restore_rng=False)  # fmt: skip
+        self._start_rng = rank_rng_state(payload, str(path))
+        del payload
+        self.best = self._restored_best(extra)
+        if "samples_done" in extra:
+            self.samples_at_start = int(extra["samples_done"])
         if "metric" in (extra.get("best") or {}):
             logger.info("%s holds the single best of older runs (best.pth); from here best_cam.pth and best_seg.pth "
                         "each keep their own metric's best", path.name)  # fmt: skip
         logger.info("resumed from %s at step %d", path, self.start_step)
+        return {"checkpoint": str(path), **record}
+
+    def _check_resumed_config(self, payload: dict[str, Any], path: Path) -> dict[str, Any]:
+        """Refuse a checkpoint trained with another recipe; returns what changed, for the ``resume`` record.
+
+        Keys of RESUME_MAY_CHANGE may differ freely; others only when train.resume_allow_changes names them (or
+        their section). The checkpoint stores the resolved config it was trained with.
+        """
+        saved = payload.get("config")
+        if saved is None:
+            logger.warning("%s records no config: this resume cannot check that it continues the same recipe", path)
+            return {"changed": {}, "overridden": {}}
+        changes = config_changes(saved, OmegaConf.to_container(self.cfg, resolve=True))
+        allowed = list(self.cfg.train.resume_allow_changes)
+        free = {k: v for k, v in changes.items() if any(covers(entry, k) for entry in RESUME_MAY_CHANGE)}
+        overridden = {k: v for k, v in changes.items() if k not in free and any(covers(e, k) for e in allowed)}
+        refused = {k: v for k, v in changes.items() if k not in free and k not in overridden}
+        if refused:
+            raise ConfigError(
+                f"train.resume: {path} (step {payload['step']}) was trained with other settings: "
+                f"{format_changes(refused)}. Resume with the settings it was trained with, or accept the change "
+                f"with train.resume_allow_changes=[{','.join(refused)}]"
+            )
+        if free:
+            logger.info("resuming with changed settings that leave the training recipe alone: %s",
+                        format_changes(free))  # fmt: skip
+        if "train.max_iters" in free:
+            logger.warning("train.max_iters changed %s -> %s: the learning-rate schedule of the remaining steps "
+                           "follows the new length", *free["train.max_iters"])  # fmt: skip
+        if overridden:
+            logger.warning("train.resume_allow_changes: resuming with a changed recipe: %s", format_changes(overridden))
+        return {
+            "changed": {k: list(v) for k, v in free.items()},
+            "overridden": {k: list(v) for k, v in overridden.items()},
+        }
+
+    def _restored_best(self, extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The per-metric best at the resumed step: the checkpoint's, improved by what the best_* files record.
+
+        A step's checkpoint is written before that step is validated, so a best found by that validation lives only
+        in its best_<metric>.pth (and the next checkpoints). Entries from after the resumed step are ignored.
+        """
+        best = restore_best(extra.get("best"))
+        folder = checkpoint_dir(self.out_dir)
+        for metric, name in BEST_FILES.items():
+            path = folder / name
+            if not path.is_file():
+                continue
+            try:  # mmap: only the pickled metadata is read, not the weights
+                saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("extra", {})
+                entry = restore_best(saved.get("best"))[metric]
+            except Exception as err:
+                logger.warning("cannot read the best score recorded in %s (%s); ignoring it", path, err)
+                continue
+            if 0 <= entry["step"] <= self.start_step and entry["score"] > best[metric]["score"]:
+                best[metric] = entry
+        return best
 
     def _log_setup(self) -> None:
         tc = self.cfg.train
@@ -180,10 +384,16 @@ class Trainer:
             for name in names:
                 save_checkpoint(
                     folder / name, model=self.model, step=step, optimizer=self.optimizer, scaler=self.scaler,
-                    config=OmegaConf.to_container(self.cfg, resolve=True), rng=rng, extra={"best": self.best},
+                    config=OmegaConf.to_container(self.cfg, resolve=True), rng=rng,
+                    extra={"best": self.best, "samples_done": self._samples_done(step)},
                 )  # fmt: skip
             prune_numbered(self.out_dir, int(self.cfg.train.keep_ckpts))
         dist.barrier()
+
+    def _samples_done(self, step: int) -> int:
+        """Training samples this rank has consumed after ``step`` completed steps."""
+        per_step = int(self.cfg.train.batch_size) * int(self.cfg.train.accum_steps)
+        return int(self.samples_at_start) + (step - self.start_step) * per_step
 
     def _micro_step(self, ddp: torch.nn.Module, batch: dict, step: int, sync: bool) -> dict[str, float]:
         accum = int(self.cfg.train.accum_steps)
@@ -195,7 +405,10 @@ class Trainer:
         # Every rank must learn of a failure on any rank before backward, or the others would wait in DDP forever.
         flag = dist.all_reduce_sum(torch.tensor([0.0 if failure is None else 1.0], device=self.device))
         if flag.item() > 0:
-            last = find_latest(self.out_dir)
+            try:
+                last = find_latest(self.out_dir)
+            except CheckpointError:
+                last = None
             raise TrainingDiverged(
                 f"non-finite loss at step {step}: {failure or 'on another rank'}. Nothing was saved; the last good "
                 f"checkpoint is {last or 'none'}. Lower train.lr or set train.grad_clip, then resume with "
@@ -224,8 +437,19 @@ class Trainer:
         return grad_norm
 
     def _validate(self, done: int) -> None:
-        """Validate after ``done`` steps; write ``best_cam.pth`` / ``best_seg.pth`` when that metric's best improves."""
-        results, overlays = validate(self.model, self.val_set, self.cfg, self.device)
+        """Validate after ``done`` steps; write ``best_cam.pth`` / ``best_seg.pth`` when that metric's best improves.
+
+        The checkpoint of step ``done`` is already on disk, so a failure here loses no training. Validation runs with
+        the random streams preserved: a run resumed from that checkpoint continues with the very same streams.
+        """
+        try:
+            with preserved_rng():
+                results, overlays = validate(self.model, self.val_set, self.cfg, self.device)
+        except Exception as err:
+            logger.error("validation after step %d failed (%s: %s). The checkpoint of step %d is saved (%s): fix the "
+                         "validation data (or set train.eval_every=0), then continue with train.resume=auto", done,
+                         type(err).__name__, err, done, checkpoint_dir(self.out_dir) / LAST)  # fmt: skip
+            raise
         self.metrics.log(done, results, kind="val")
         for index, image in enumerate(overlays):
             self.metrics.log_image(done, f"val/{index}", image)
@@ -237,8 +461,8 @@ class Trainer:
         for metric in improved:  # results are all-reduced: every rank takes the same branch (_checkpoint is collective)
             self.best[metric] = {"score": float(results[metric]), "step": done}
             logger.info("new best %s %.4f at step %d (%s)", metric, results[metric], done, BEST_FILES[metric])
-        if improved:
-            self._checkpoint(done, [BEST_FILES[metric] for metric in improved])
+        if improved:  # last.pth again too: it was written before this validation, so without the new best
+            self._checkpoint(done, [*(BEST_FILES[metric] for metric in improved), LAST])
 
     def fit(self) -> dict[str, dict[str, Any]]:
         """Train to ``train.max_iters`` (or ``train.stop_iter``); returns the per-metric best (:func:`restore_best`)."""
@@ -247,6 +471,11 @@ class Trainer:
         # the schedule always spans max_iters; stop_iter only ends this invocation early (resume continues it)
         end = max_iters if tc.stop_iter is None else min(max_iters, int(tc.stop_iter))
         stream = iter(self.loader)
+        if self._start_rng is not None:
+            # Restored only now, after every draw of the set-up: the first step sees exactly the streams that the
+            # interrupted run had right after its checkpoint.
+            set_rng_state(self._start_rng, self.generator)
+            self._start_rng = None
         ddp, phase = None, None
         log_every, start = max(1, int(tc.log_every)), time.time()
         progress = tqdm(range(self.start_step, end), initial=self.start_step, total=max_iters,
@@ -273,10 +502,14 @@ class Trainer:
                 record = self._summarise(window, lrs, grad_norm, done, start)
                 progress.set_postfix(loss=f"{record['loss_total']:.3f}")
                 window = []
-            if int(tc.eval_every) > 0 and (done % int(tc.eval_every) == 0 or done == max_iters):
-                self._validate(done)
+            validate_now = int(tc.eval_every) > 0 and (done % int(tc.eval_every) == 0 or done == max_iters)
+            # Checkpoint first: a validation that fails (a broken val file, an out-of-memory) then loses nothing.
             if done % int(tc.ckpt_every) == 0 or done == end:
-                self._checkpoint(done, [f"iter_{done:06d}.pth", "last.pth"])
+                self._checkpoint(done, [f"iter_{done:06d}.pth", LAST])
+            elif validate_now:
+                self._checkpoint(done, [LAST])
+            if validate_now:
+                self._validate(done)
         progress.close()
         self.metrics.close()
         return self.best
@@ -299,10 +532,11 @@ class Trainer:
         return record
 
 
-def main(argv: list[str] | None = None) -> int:
+def _train(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     cfg = config_from_args(parser.parse_args(argv))
+    trainer = None
     try:
         trainer = Trainer(cfg)
         best = trainer.fit()
@@ -314,7 +548,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", err)
         return 3
     finally:
+        if trainer is not None:
+            trainer.close()
         dist.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train; a user error (config, files, a busy run folder, a full disk) is one ``error:`` line and exit code 2."""
+    return exit_on_user_error(lambda: _train(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """Configuration: ``configs/base.yaml`` + an experiment file (+ its ``_base_`` chain) + ``key=value`` overrides.
 
 ``configs/base.yaml`` is the schema: every key the code reads. Anything else is rejected with the nearest valid key,
-a value whose type contradicts the schema is rejected, and keys left at ``???`` must be set. The resolved config is
-saved as ``<run.out_dir>/config.yaml`` and every tool can reload it (``--run-dir RUN_DIR``).
+a value whose type contradicts the schema is rejected, and keys left at ``???`` must be set. Values are then checked
+against :data:`RULES` (positive counts, probabilities in [0, 1], the choices of enumerated keys, ...) and the crop rule
+(:func:`check_crop_sizes`); each error names the key and the rule. The resolved config is saved as
+``<run.out_dir>/config.yaml`` and every tool can reload it (``--run-dir RUN_DIR``).
+
+A resumed training run compares its config with the one its checkpoint was trained with (:func:`config_changes`):
+only the keys of :data:`RESUME_MAY_CHANGE` may differ unless ``train.resume_allow_changes`` names the others.
 
 Command line (all tools): ``--config FILE`` or ``--run-dir RUN_DIR``, then ``key=value`` overrides, e.g.
 ``python -m tools.train --config configs/voc.yaml data.root=/data/VOC2012 train.max_iters=100``.
@@ -12,14 +17,17 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import fnmatch
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from utils.errors import UserError
 from utils.io import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -32,7 +40,7 @@ OPEN_NODES = ("model.backbone_kwargs",)
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key or file."""
 
 
@@ -100,6 +108,293 @@ def _validate(node: Any, schema: dict[str, Any], source: str) -> None:
         raise ConfigError(f"unknown config key '{key}' in {source}{_suggest(key, valid)}")
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A constraint on one config value: ``holds(value)``; ``text`` completes "<key> must be ..."."""
+
+    text: str
+    holds: Callable[[Any], bool]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_from(low: int, text: str) -> Rule:
+    return Rule(text, lambda v: _integer(v) and v >= low)
+
+
+def _between(low: float, high: float, text: str) -> Rule:
+    return Rule(text, lambda v: _number(v) and low <= v <= high)
+
+
+def _choices(*names: str) -> Rule:
+    return Rule(f"one of {names}", lambda v: v in names)
+
+
+def _list_of(item: Callable[[Any], bool], text: str, length: int | None = None) -> Rule:
+    """A non-empty list whose items all satisfy ``item`` (of exactly ``length`` items when given)."""
+
+    def holds(value: Any) -> bool:
+        sized = len(value) == length if length is not None else len(value) > 0
+        return isinstance(value, (list, tuple)) and sized and all(map(item, value))
+
+    return Rule(text, holds)
+
+
+def _range(low: float, high: float, text: str) -> Rule:
+    """A ``[lo, hi]`` pair with ``low < lo <= hi <= high``."""
+    pair = _list_of(_number, text, 2)
+    return Rule(text, lambda v: pair.holds(v) and low < v[0] <= v[1] <= high)
+
+
+POSITIVE_INT = _int_from(1, "a positive integer")
+COUNT = _int_from(0, "a non-negative integer")
+POSITIVE = Rule("a positive number", lambda v: _number(v) and v > 0)
+NON_NEGATIVE = Rule("a non-negative number", lambda v: _number(v) and v >= 0)
+UNIT = _between(0.0, 1.0, "a number in [0, 1]")
+SCALES = _list_of(lambda x: _number(x) and x > 0, "a non-empty list of positive numbers")
+INF = float("inf")
+
+# Value rules, by key or fnmatch pattern (the first matching entry applies). A key with a null default may also be
+# null. The choices mirror the modules that read them (tests/test_config.py checks that they agree).
+RULES: dict[str, Rule] = {
+    "run.seed": COUNT,
+    "run.device": _choices("auto", "cpu", "cuda"),
+    "run.num_threads": COUNT,
+    "data.name": _choices("voc", "coco"),
+    "data.num_classes": _int_from(2, "an integer >= 2 (background and at least one class)"),
+    "data.crop_size": POSITIVE_INT,
+    "data.scale_range": _range(0.0, INF, "a [low, high] pair with 0 < low <= high"),
+    "data.ignore_index": Rule("an integer in 0..255 (a label PNG value)", lambda v: _integer(v) and 0 <= v <= 255),
+    "data.num_workers": COUNT,
+    "data.max_images": POSITIVE_INT,
+    "views.main": _choices("g1", "clean"),
+    "views.*_p": UNIT,
+    "views.*.brightness": NON_NEGATIVE,
+    "views.*.contrast": NON_NEGATIVE,
+    "views.*.saturation": NON_NEGATIVE,
+    "views.*.hue": _between(0.0, 0.5, "a number in [0, 0.5]"),
+    "views.*.blur_sigma": _range(0.0, INF, "a [low, high] pair with 0 < low <= high"),
+    "views.g2.scale": _range(0.0, 1.0, "a [low, high] area-fraction pair with 0 < low <= high <= 1"),
+    "views.local.num_crops": POSITIVE_INT,
+    "views.local.size": POSITIVE_INT,
+    "views.local.neg_roi_thre": UNIT,
+    "views.smcm.scale": POSITIVE,
+    "model.pos_embed_resample": _choices("bicubic", "timm"),
+    "model.decoder_*": POSITIVE_INT,
+    "model.proj_*_dim": POSITIVE_INT,
+    "model.teacher_momentum": UNIT,
+    "memory.update_every": POSITIVE_INT,
+    "memory.momentum": UNIT,
+    "memory.min_count": POSITIVE_INT,
+    "memory.fuse_lambda": NON_NEGATIVE,
+    "cam.scales": SCALES,
+    "cam.*_thre": UNIT,
+    "cam.max_batch": POSITIVE_INT,
+    "cam.precision": _choices("fp32", "train"),
+    "par.dilations": _list_of(lambda x: _integer(x) and x > 0, "a non-empty list of positive integers"),
+    "par.num_iter": COUNT,
+    "loss.weight.*": NON_NEGATIVE,
+    "loss.start_iter.*": COUNT,
+    "loss.ramp_iters.*": COUNT,
+    "loss.ctc_temp": POSITIVE,
+    "loss.smc_reduction": _choices("all_terms", "group_sum"),
+    "loss.seg_cam_switch_iter": COUNT,
+    "loss.reg_mode": _choices("dense", "window"),
+    "loss.reg_sigma_*": POSITIVE,
+    "loss.reg_inner_weight": NON_NEGATIVE,
+    "loss.reg_kernel_radius": POSITIVE_INT,
+    "train.max_iters": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.accum_steps": POSITIVE_INT,
+    "train.precision": _choices("fp32", "bf16", "fp16"),
+    "train.lr": POSITIVE,
+    "train.head_lr_mult": NON_NEGATIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.betas": _list_of(lambda b: _number(b) and 0 <= b < 1, "a [beta1, beta2] pair of numbers in [0, 1)", 2),
+    "train.warmup_iters": COUNT,
+    "train.warmup_ratio": UNIT,
+    "train.poly_power": NON_NEGATIVE,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.log_every": POSITIVE_INT,
+    "train.eval_every": COUNT,
+    "train.ckpt_every": POSITIVE_INT,
+    "train.keep_ckpts": COUNT,
+    "train.stop_iter": POSITIVE_INT,
+    "train.num_vis": COUNT,
+    "train.resume_allow_changes": Rule(
+        "a list of config keys or sections",
+        lambda v: isinstance(v, (list, tuple)) and all(isinstance(k, str) for k in v),
+    ),
+    "eval.scales": SCALES,
+    "eval.resize": POSITIVE_INT,
+    "eval.resize_mode": _choices("long_side", "square"),
+    "eval.*_fusion": _choices("sum", "mean", "max"),
+    "eval.crf_workers": COUNT,
+    "eval.num_overlays": COUNT,
+    "eval.sweep_start": UNIT,
+    "eval.sweep_stop": UNIT,
+    "eval.sweep_step": _between(1e-9, 1.0, "a number in (0, 1]"),
+    "crf.iters": POSITIVE_INT,
+    "crf.*_sxy": POSITIVE,
+    "crf.bilateral_srgb": POSITIVE,
+    "crf.*_compat": NON_NEGATIVE,
+    "pseudo.cam_key": _choices("cam", "cam_aux"),
+    "pseudo.bkg_thre": UNIT,
+    "pseudo.soft_dtype": _choices("uint8", "float16"),
+}
+# Pairs (low key, high key) whose values must be ordered.
+ORDERED = (("cam.low_thre", "cam.high_thre"), ("eval.sweep_start", "eval.sweep_stop"))
+_PATCH_IN_NAME = re.compile(r"patch(\d+)")
+
+
+def rule_for(key: str) -> Rule | None:
+    """The :data:`RULES` entry of a dotted key (exact match first, then the first matching pattern)."""
+    if key in RULES:
+        return RULES[key]
+    return next((rule for pattern, rule in RULES.items() if fnmatch.fnmatchcase(key, pattern)), None)
+
+
+def backbone_patch(model: Mapping[str, Any]) -> tuple[int, str] | None:
+    """``(patch size, where it comes from)`` of a ``model`` config section, or None when it cannot be told.
+
+    ``model.backbone_kwargs.patch_size`` when given, else the ``patch<N>`` of a timm name such as
+    ``vit_base_patch16_224``.
+    """
+    kwargs = model.get("backbone_kwargs") or {}
+    if "patch_size" in kwargs:
+        patch = kwargs["patch_size"]
+        return (patch, "model.backbone_kwargs.patch_size") if _integer(patch) and patch > 0 else None
+    match = _PATCH_IN_NAME.search(str(model.get("backbone", "")))
+    return (int(match.group(1)), f"model.backbone {model.get('backbone')!r}") if match else None
+
+
+def check_crop_sizes(cfg: Mapping[str, Any]) -> None:
+    """The crop rule (SPEC §3): ``data.crop_size`` a multiple of 2·patch (SMCM cuts the crop into 4 quadrants of
+    whole patches), ``views.local.size`` a multiple of the patch. Skipped when the patch size cannot be told."""
+    found = backbone_patch(cfg["model"])
+    if found is None:
+        return
+    patch, source = found
+    crop, local = cfg["data"]["crop_size"], cfg["views"]["local"]["size"]
+    if _integer(crop) and crop % (2 * patch):
+        raise ConfigError(
+            f"data.crop_size must be a multiple of 2·patch = {2 * patch} (the 4 SMCM quadrants must tile into whole "
+            f"patches; patch {patch} from {source}), got {crop}"
+        )
+    if _integer(local) and local % patch:
+        raise ConfigError(f"views.local.size must be a multiple of the patch size {patch} (from {source}), got {local}")
+
+
+def check_values(cfg: Mapping[str, Any]) -> None:
+    """Check a resolved config (plain containers) against :data:`RULES`, :data:`ORDERED` and the crop rule.
+
+    Raises:
+        ConfigError: the first violation, as ``<key> must be <rule>, got <value>``.
+    """
+    schema = _schema()
+    flat = dict(_leaf_items(cfg))
+    for key, value in flat.items():
+        if value == "???":
+            continue
+        rule = rule_for(key)
+        if rule is None:
+            continue
+        if value is None:
+            if schema.get(key, 0) is None:
+                continue
+            raise ConfigError(f"{key} must be {rule.text}, got null")
+        if not rule.holds(value):
+            raise ConfigError(f"{key} must be {rule.text}, got {value!r}")
+    for low, high in ORDERED:
+        if _number(flat.get(low)) and _number(flat.get(high)) and flat[low] > flat[high]:
+            raise ConfigError(f"{low} must not exceed {high}, got {flat[low]!r} > {flat[high]!r}")
+    for entry in flat.get("train.resume_allow_changes") or ():
+        known = entry in schema or any(k.startswith(entry + ".") for k in schema)
+        if not known and not any(entry.startswith(node + ".") for node in OPEN_NODES):
+            raise ConfigError(
+                f"train.resume_allow_changes names {entry!r}, which is not a config key or section"
+                f"{_suggest(entry, sorted(schema))}"
+            )
+    check_crop_sizes(cfg)
+
+
+# Keys a resumed training run may change freely. None changes what a training step computes from the checkpoint's
+# state: where the run writes and reads (out_dir, data.root, the label cache), how fast it runs (device, threads,
+# loader workers), how often it logs / validates / checkpoints, where it stops, what the inference tools do (eval,
+# crf, pseudo), and the initial weights (replaced by the checkpoint's). Two exceptions are deliberate: run.device
+# (moving a run between CPU and GPU changes float rounding) and train.max_iters (extending a finished run is its
+# purpose; the poly schedule of the remaining steps then follows the new length, which the resume log line says).
+# Everything else (the recipe: losses, views, model, optimiser, batch, seed, data lists) needs
+# train.resume_allow_changes.
+RESUME_MAY_CHANGE = (
+    "run.out_dir",
+    "run.device",
+    "run.num_threads",
+    "data.root",
+    "data.cache_dir",
+    "data.num_workers",
+    "model.pretrained",
+    "model.weights",
+    "train.max_iters",
+    "train.stop_iter",
+    "train.log_every",
+    "train.eval_every",
+    "train.ckpt_every",
+    "train.keep_ckpts",
+    "train.num_vis",
+    "train.resume",
+    "train.resume_allow_changes",
+    "eval",
+    "crf",
+    "pseudo",
+)
+# Marks a key that only one of two compared configs has (a checkpoint from before the key existed, say).
+ABSENT = "(absent)"
+
+
+def _all_leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Like :func:`_leaf_items` but open nodes are flattened too (their sub-keys are compared one by one)."""
+    if isinstance(node, Mapping):  # an empty mapping has no leaves: {} and a missing section compare equal
+        for key, value in node.items():
+            yield from _all_leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, node
+
+
+def covers(entry: str, key: str) -> bool:
+    """Whether an allow-list entry (a key or a section) covers the dotted ``key``."""
+    return key == entry or key.startswith(entry + ".")
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Every leaf whose value differs between two resolved configs: ``{key: (saved value, current value)}``.
+
+    A key present in only one of them maps to :data:`ABSENT` on the other side.
+    """
+    old, new = dict(_all_leaves(saved)), dict(_all_leaves(current))
+    changes = {}
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, ABSENT), new.get(key, ABSENT)
+        if before != after:
+            changes[key] = (before, after)
+    return changes
+
+
+def format_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    """``key: old -> new; ...`` for messages and log lines."""
+
+    def show(value: Any) -> str:
+        return value if value == ABSENT else repr(value)
+
+    return "; ".join(f"{key}: {show(old)} -> {show(new)}" for key, (old, new) in changes.items())
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -154,8 +449,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), r
         require: raise if a ``???`` key is still unset.
 
     Raises:
-        ConfigError: an unknown key (with the nearest valid one), a wrongly typed value, a missing file, or an unset
-            required key.
+        ConfigError: an unknown key (with the nearest valid one), a wrongly typed value, a missing file, an unset
+            required key, or a value that breaks a rule of :data:`RULES` / the crop rule (naming key and rule).
     """
     schema = _schema()
     cfg = OmegaConf.create(_read_yaml(BASE_CONFIG))
@@ -169,6 +464,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), r
         if missing:
             hint = " ".join(f"{key}=..." for key in missing)
             raise ConfigError(f"required config key(s) not set: {', '.join(missing)} (add {hint} to the command)")
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # an interpolation that names a missing key, say
+        raise ConfigError(f"cannot resolve the config: {err}") from err
+    check_values(resolved)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -7,8 +7,15 @@ tensors with ``.cpu().numpy()``.
 from __future__ import annotations
 
 import collections
+import ctypes
 import inspect
 import multiprocessing
+import os
+import select
+import signal
+import sys
+import threading
+import time
 from collections.abc import Hashable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from types import TracebackType
@@ -21,6 +28,12 @@ from pydensecrf.utils import unary_from_softmax
 # Probabilities are clipped to this before -log: an exact 0 would give an infinite unary that no pairwise term
 # can overturn, and float noise below it carries no information.
 PROB_CLIP = 1e-5
+# Preloaded into the forkserver so that it dies with the process that started it (see CRFPool).
+FORKSERVER_LIFELINE = "utils.forkserver_lifeline"
+# prctl(2) option: the kernel sends a signal to this process when the thread that created it exits (Linux).
+_PR_SET_PDEATHSIG = 1
+# Where pidfd_open(2) is missing (not Linux >= 5.3), how often a worker checks that its pool's owner still exists.
+_OWNER_POLL_SECONDS = 0.5
 
 
 def dense_crf(
@@ -91,6 +104,52 @@ def _refine_job(job: tuple[Hashable, np.ndarray, np.ndarray], params: dict[str, 
         raise RuntimeError(f"DenseCRF failed for {key!r}: {type(err).__name__}: {err}") from None
 
 
+def die_with_parent() -> bool:
+    """Have the kernel SIGKILL this process as soon as the thread that created it exits (Linux ``PR_SET_PDEATHSIG``).
+
+    Returns:
+        Whether the request was registered (False off Linux, or if ``prctl`` is unavailable).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def _exit_when_gone(owner: int) -> None:
+    """Block until process ``owner`` has ended, then end this process at once (a daemon thread of every worker)."""
+    try:
+        fd = os.pidfd_open(owner)  # readable once the process has exited; no polling
+    except (AttributeError, OSError):  # no pidfd (old kernel, not Linux), or the owner is gone already
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while _exists(owner):
+            time.sleep(_OWNER_POLL_SECONDS)
+    os._exit(1)  # nobody is left to read a result; skip the interpreter's shutdown (it would wait for the job)
+
+
+def _init_worker(owner: int) -> None:
+    """Initializer of every pool worker: never outlive ``owner``, the process that made the pool."""
+    die_with_parent()  # the parent is the forkserver (or the owner itself, for 'spawn' / 'fork')
+    if not _exists(owner):  # it died before this worker could register anything
+        os._exit(1)
+    threading.Thread(target=_exit_when_gone, args=(owner,), name="crf-owner-watch", daemon=True).start()
+
+
 class CRFPool:
     """Stream ``(key, image, prob)`` jobs through DenseCRF workers, yielding ``(key, refined)`` in input order.
 
@@ -105,6 +164,17 @@ class CRFPool:
     every worker (a 4-worker pool, 8 small jobs, from a process that imported torch and timm: 13.9 s wall with
     'forkserver', 17.5 s with 'spawn', on 2 cores). Results equal the serial path exactly (same deterministic
     function).
+
+    Workers never outlive the process that made the pool, even when it is SIGKILLed (each holds hundreds of MB).
+    On Linux the kernel does it: the forkserver is started with :data:`FORKSERVER_LIFELINE` preloaded, which makes it
+    die with the pool's owner (``PR_SET_PDEATHSIG``), and every worker dies with the forkserver, its parent, the same
+    way; both happen at once, even in the middle of a DenseCRF call. A worker's death signal alone would not do: the
+    forkserver only exits once every worker has, so it would wait for them while they wait for it. As a second line
+    (another OS, or a forkserver some other code started first), a thread in every worker waits for the owner's exit
+    (``pidfd_open``, else polling) and ends the worker; that thread needs the GIL, so it acts between DenseCRF calls.
+    With its workers gone, the forkserver and multiprocessing's resource tracker end on their own. The forkserver's
+    death signal fires when the *thread* that started it ends: create the first pool of a process in a thread that
+    outlives it (the tools use the main thread).
 
     Args:
         workers: worker processes; 0 runs every job serially in this process.
@@ -137,7 +207,12 @@ class CRFPool:
         self._closed = False
         if workers > 0:
             context = multiprocessing.get_context(start_method)
-            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+            if start_method == "forkserver":
+                # Takes effect when the forkserver starts (with the first pool): '__main__' keeps the default.
+                context.set_forkserver_preload(["__main__", FORKSERVER_LIFELINE])
+            self._pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
+            )
 
     def imap(self, jobs: Iterable[tuple[Hashable, np.ndarray, np.ndarray]]) -> Iterator[tuple[Hashable, np.ndarray]]:
         """Refine ``jobs`` lazily.

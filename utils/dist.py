@@ -5,13 +5,24 @@ Processes are started by torchrun, which sets RANK / WORLD_SIZE / LOCAL_RANK; th
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import hashlib
+import logging
 import os
+import signal
+import sys
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# linux/prctl.h
+PR_SET_PDEATHSIG = 1
 
 
 def is_distributed() -> bool:
@@ -38,21 +49,52 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``).
+
+    A rank whose torchrun launcher is killed (SIGKILL leaves it no time to stop its workers) would otherwise go on
+    training as an orphan, holding GPUs and the run folder. The parent is read before and after arming the signal: a
+    parent that died in between has already been replaced (by init or a subreaper), and no signal would ever come, so
+    this process sends ``sig`` to itself at once. The kernel ties the signal to the parent *thread*; torchrun starts
+    its workers from its main thread, which lives as long as the launcher.
+
+    Returns:
+        Whether the signal is armed (False off Linux or when prctl fails).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0
+    except (OSError, AttributeError):
+        failed = True
+    if failed:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed: this rank will not stop by itself if its launcher dies")
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
 def init_distributed(device: str = "auto", num_threads: int = 0, timeout_minutes: int = 30) -> torch.device:
     """Join the process group when started by torchrun and return this process's device.
 
     ``device``: ``auto`` (CUDA when available), ``cuda`` or ``cpu``. NCCL is used with CUDA, gloo without,
     so multi-process runs work (and are tested) on CPU. ``num_threads`` > 0 sets torch's intra-op CPU threads (on a
-    small shared CPU, 1 thread per process avoids OpenMP threads waiting on each other).
+    small shared CPU, 1 thread per process avoids OpenMP threads waiting on each other). A process started by torchrun
+    ends (SIGTERM) when its launcher dies (:func:`exit_with_parent`).
     """
+    if launched_by_torchrun():
+        exit_with_parent()
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
+        raise UserError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
     if device not in ("cuda", "cpu"):
-        raise ValueError(f"run.device must be auto, cuda or cpu, got {device!r}")
+        raise UserError(f"run.device must be auto, cuda or cpu, got {device!r}")
     if device == "cuda":
         torch.cuda.set_device(get_local_rank())
         target = torch.device("cuda", get_local_rank())

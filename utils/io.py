@@ -1,4 +1,4 @@
-"""Small file helpers shared by every tool: atomic writes, the VOC palette, label PNGs."""
+"""Small file helpers shared by every tool: atomic writes, the VOC palette, label PNGs, image reads and checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 import io
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,19 +15,40 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+# Attempts at a fresh temporary name before giving up; with 64 random bits a second attempt is already unheard of.
+TEMP_NAME_TRIES = 100
+
+
+def _create_temp(folder: Path, name: str) -> Path:
+    """Create a new, empty ``.<name>.<random>.tmp`` file in ``folder`` with the mode a plain ``open()`` gives it.
+
+    ``tempfile.mkstemp`` creates its files 0600 whatever the umask, which would make every atomically written file
+    (checkpoints, configs, metrics, labels) private to its owner. ``os.open`` with 0666 lets the kernel apply the
+    umask (and a default ACL of the folder) exactly as it does for ``open(path, "w")``; O_EXCL keeps the name unique.
+    """
+    for _ in range(TEMP_NAME_TRIES):
+        tmp = folder / f".{name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file for {folder / name} in {TEMP_NAME_TRIES} tries")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder; it replaces ``path`` only if the block finishes.
 
-    A crash (or SIGKILL) mid-write leaves the previous file intact and at most a stray ``.tmp`` file.
+    A crash (or SIGKILL) mid-write leaves the previous file intact and at most a stray ``.tmp`` file. The new file has
+    the mode ``open()`` would give it (0666 minus the umask), not the 0600 of ``tempfile.mkstemp``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path.parent, path.name)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -119,3 +140,33 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except OSError as err:
         raise OSError(f"cannot decode image {path} (corrupt or not an image): {err}") from err
+
+
+def probe_image(path: str | os.PathLike, decode: bool = False) -> tuple[str, tuple[int, int]]:
+    """``(mode, (width, height))`` of an image file, opened as the readers above open it.
+
+    ``decode=False`` reads the header only (``Image.open`` without ``load``, about a millisecond): it catches a
+    missing, empty, non-image or header-truncated file. ``decode=True`` also verifies the file (complete stream,
+    PNG chunk checksums) and decodes every pixel, which catches truncated or corrupt image data that a header read
+    passes and that would otherwise fail at the same sample on every resume.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message names it).
+        OSError: any other failure, naming the file and what PIL reported.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            info = image.mode, image.size
+            if decode:
+                image.verify()
+        if decode:
+            # verify() leaves the image unusable, so the full decode needs a second open.
+            with Image.open(path) as image:
+                image.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for broken files
+        action = "decode" if decode else "read the header of"
+        raise OSError(f"cannot {action} image file {path} (corrupt, truncated or not an image): {err}") from err
+    return info
