@@ -4,6 +4,7 @@
 # on the protocol's eval.cam_split (SPEC §8) and on the segmentation split (eval.split, null = data.val_split), its
 # segmentation head on the segmentation split without DenseCRF; one markdown table compares them (tools/report.py).
 # Usage: bash scripts/ablate.sh [key=value ...]        (NGPUS processes, default 2; every key=value reaches every stage)
+#        ABLATIONS="full toco baseline" bash scripts/ablate.sh    runs only these configs/ablations/<name>.yaml, in order
 # Output: runs/ablations/<name>/ per ablation and runs/ablations/ablations.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,16 @@ if [[ ! -f "${root}/ImageSets/Segmentation/val.txt" ]]; then
 fi
 export NGPUS="${NGPUS:-2}"
 runs=()
-for config in configs/ablations/*.yaml; do
+if [[ -n "${ABLATIONS:-}" ]]; then
+    configs=()
+    for name in ${ABLATIONS}; do
+        configs+=("configs/ablations/${name}.yaml")
+        [[ -f "${configs[-1]}" ]] || { echo "$0: no ablation config ${configs[-1]}" >&2; exit 2; }
+    done
+else
+    configs=(configs/ablations/*.yaml)
+fi
+for config in "${configs[@]}"; do
     name="$(basename "${config}" .yaml)"
     out="runs/ablations/${name}"
     ./train_run_VOC.sh --config "${config}" "data.root=${root}" "run.out_dir=${out}" train.resume=auto "$@"

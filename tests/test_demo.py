@@ -34,7 +34,7 @@ def test_demo_pipeline_at_micro_scale(voc_root, tmp_path, all_background_miou):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": str(REPO), "NGPUS": "1", "OMP_NUM_THREADS": "1"}
     # micro schedule: 80 iterations, so a short warm-up and an early segmentation start
-    micro = ["train.max_iters=80", "train.warmup_iters=5", "loss.start_iter.seg=20", "loss.start_iter.reg=20",
+    micro = ["train.max_iters=80", "train.warmup_iters=5", "loss.start_iter.seg=5", "loss.start_iter.reg=5",
              "train.ckpt_every=80", "eval.num_overlays=2"]  # fmt: skip
     command = ["bash", "scripts/demo.sh", f"data.root={voc_root}", f"run.out_dir={out}", *micro]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

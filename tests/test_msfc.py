@@ -144,6 +144,7 @@ def test_build_model_reads_config():
                 "weights": None,
                 "aux_layer": -2,
                 "freeze_pos_embed": False,
+                "pos_embed_resample": "timm",
                 "decoder_channels": 8,
                 "decoder_dilation": 2,
                 "proj_hidden_dim": 12,
@@ -157,6 +158,7 @@ def test_build_model_reads_config():
     model = build_model(cfg)
     assert model.num_classes == 5 and model.teacher_momentum == 0.5
     assert model.backbone.aux_index == 1 and model.backbone.vit.pos_embed.requires_grad
+    assert model.backbone.pos_embed_resample == "timm"
     assert model.decoder.conv1.dilation == (2, 2) and model.decoder.conv1.out_channels == 8
     assert model.memory.num_classes == 4 and model.memory.momentum == 0.3 and model.memory.min_count == 2
     assert model.project(torch.randn(2, D)).shape == (2, 10)
