@@ -47,7 +47,7 @@ def build_dataset(cfg: DictConfig, split: str, mode: str) -> SegmentationDataset
     """The dataset of ``split`` for ``mode`` ("train" crops or full-image "eval" items), from the config.
 
     Eval items keep the full resolution so metrics use the original masks; ``eval.resize`` (COCO) is applied by
-    inference, which upsamples its prediction back (``utils.inference.predict_seg_logits``).
+    inference, which upsamples its prediction back (``engine.inference.predict_seg_logits``).
 
     Reads ``data.*``, ``views.g2.scale`` and ``run.out_dir`` (for the cache). Under torchrun every
     rank must call it (rank 0 builds the label cache first, behind a barrier); the other ranks then reuse its entries.

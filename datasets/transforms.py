@@ -2,7 +2,7 @@
 
 Everything here works on ``[H, W, 3]`` uint8 numpy images and draws its randomness from an explicit
 ``numpy.random.Generator``, so the dataset controls seeding. Photometric view ops run later on the device
-(``utils/views.py``); only what needs the *original* image (the G2 random resized crop) happens here.
+(``core/views.py``); only what needs the *original* image (the G2 random resized crop) happens here.
 """
 
 from __future__ import annotations

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
+
+import torch
+from omegaconf import DictConfig
 
 from models.backbone import BackboneOutput, ViTBackbone, denormalize, normalize
 from models.memory import MemoryBank, fuse_similarity
 from models.msfc import MSFC, MSFCOutput
+from utils.checkpoint import load_model_state, read_checkpoint, resolve_checkpoint
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MSFC",
@@ -69,3 +76,25 @@ def build_model(cfg: Any) -> MSFC:
         teacher_momentum=float(m.teacher_momentum),
         memory=memory,
     )
+
+
+def load_trained_model(cfg: DictConfig, device: torch.device) -> MSFC:
+    """Build the run's model from its config and load ``eval.checkpoint`` into it (eval mode, no pretrained download).
+
+    A checkpoint from another model (backbone, number of classes, head sizes) is an error listing the mismatched keys.
+    """
+    path = resolve_checkpoint(cfg)
+    # The checkpoint holds every weight, so skip timm's download / the local backbone file.
+    model = build_model(_without_pretrained(cfg))
+    load_model_state(model, read_checkpoint(path)["model"], str(path))
+    logger.info("loaded %s", path)
+    return model.to(device).eval()
+
+
+def _without_pretrained(cfg: DictConfig) -> DictConfig:
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["model"]["pretrained"] = False
+    plain["model"]["weights"] = None
+    return OmegaConf.create(plain)

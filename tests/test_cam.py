@@ -1,4 +1,4 @@
-"""Tests for utils/cam.py: boxes, multi-scale CAMs, token/pair/online/prototype labels, local crops, SMCM views."""
+"""Tests for core/cam.py: boxes, multi-scale CAMs, token/pair/online/prototype labels, local crops, SMCM views."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.par import PAR
-from utils.cam import (
+from core.cam import (
     box_mask,
     cut_crops,
     multiscale_cam,
@@ -25,6 +24,7 @@ from utils.cam import (
     smcm_views,
     token_labels,
 )
+from models.par import PAR
 
 IGN = 255
 

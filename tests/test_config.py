@@ -243,14 +243,14 @@ def test_every_rule_applies_to_a_schema_key():
 
 
 def test_choices_agree_with_the_modules_that_read_them():
+    from core.pseudo_labels import SOFT_DTYPES
     from datasets import LAYOUTS
+    from engine.inference import FUSIONS, RESIZE_MODES
+    from engine.step import CAM_PRECISIONS, MAIN_VIEWS
     from losses.energy import ENERGY_MODES
     from losses.multiview import SMC_REDUCTIONS
     from models.backbone import POS_EMBED_RESAMPLE
     from tools.make_pseudo_labels import CAM_KEYS
-    from utils.engine import CAM_PRECISIONS, MAIN_VIEWS
-    from utils.inference import FUSIONS, RESIZE_MODES
-    from utils.pseudo_labels import SOFT_DTYPES
 
     expected = {"views.main": MAIN_VIEWS, "cam.precision": CAM_PRECISIONS, "loss.reg_mode": ENERGY_MODES,
                 "loss.smc_reduction": SMC_REDUCTIONS, "model.pos_embed_resample": POS_EMBED_RESAMPLE,

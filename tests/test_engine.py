@@ -1,14 +1,14 @@
-"""utils/engine.py: one full MSFC step on a tiny ViT — gradients reach every trainable parameter, degenerate batches."""
+"""engine/step.py: one full MSFC step on a tiny ViT — gradients reach every trainable parameter, degenerate batches."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from engine.step import TrainStep, forward_grouped, heads_in_use, label_cam_precision
 from losses import TERMS
 from models import build_model
 from utils.config import load_config
-from utils.engine import TrainStep, forward_grouped, heads_in_use, label_cam_precision
 
 CROP = 64
 

@@ -15,8 +15,7 @@ from PIL import Image
 
 from tools import evaluate as ev
 from utils.config import load_config, save_config
-from utils.io import save_label_png
-from utils.run import save_npz
+from utils.io import save_label_png, save_npz
 
 REPO = Path(__file__).resolve().parent.parent
 IDS = ("a", "b")

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 
 from datasets import build_dataset
+from engine.inference import predict_seg_logits
+from models import load_trained_model
 from tests.processes import HAS_PROC, still_running_after
 from tools import infer_seg, train
 from utils.config import load_run_config
 from utils.crf import dense_crf
-from utils.inference import predict_seg_logits
-from utils.io import read_label_png
-from utils.run import load_npz, load_trained_model
+from utils.io import load_npz, read_label_png
 
 REPO = Path(__file__).resolve().parent.parent
 SCALES = "eval.scales=[1.0,0.5]"  # two scales so the fusion path runs; small ones keep the test fast

@@ -1,4 +1,4 @@
-"""utils/inference.py: resize modes and the flip / scale fusion of predict_seg_logits (SPEC §5.2), known answers."""
+"""engine/inference.py: resize modes and the flip / scale fusion of predict_seg_logits (SPEC §5.2), known answers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.inference import predict_seg_logits, resize_for_inference
+from engine.inference import predict_seg_logits, resize_for_inference
 
 PATCH = 4
 # Bilinear upsampling of a 1x1 map is constant up to float32 rounding (~1e-7); wrong fusions are off by >= 1.

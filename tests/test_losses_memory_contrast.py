@@ -60,7 +60,7 @@ def test_equals_ptc_and_similarity_gets_no_gradient() -> None:
     loss = MemoryContrast(high=0.6, low=0.3)(tokens, sim, box, (48, 64))
     loss.backward()
     assert sim.grad is None and torch.isfinite(tokens.grad).all() and tokens.grad.abs().sum() > 0
-    # Recompute the labels independently of utils.cam: v > 0.6 → argmax + 1, v ≤ 0.3 → 0, else 255; the box of
+    # Recompute the labels independently of core.cam: v > 0.6 → argmax + 1, v ≤ 0.3 → 0, else 255; the box of
     # image 1 covers rows 0..31 of 48 → token rows with centres 8 and 24 are inside, 40 is outside.
     value, index = sim.detach().max(dim=1)
     labels = torch.full_like(index, 255)

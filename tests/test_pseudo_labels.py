@@ -1,4 +1,4 @@
-"""Tests for utils/pseudo_labels.py and tools/make_pseudo_labels.py (SPEC §2.4, §2.5)."""
+"""Tests for core/pseudo_labels.py and tools/make_pseudo_labels.py (SPEC §2.4, §2.5)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import build_dataset
-from models.par import PAR
-from tools import make_pseudo_labels
-from tools.make_cam import cam_arrays
-from utils.cam import online_seg_labels
-from utils.config import config_from_args, load_config, save_config
-from utils.io import read_label_png, save_label_png, voc_palette
-from utils.metrics import cam_to_label
-from utils.pseudo_labels import (
+from core.cam import online_seg_labels
+from core.pseudo_labels import (
     argmax_label,
     cams_to_label,
     dual_label,
@@ -28,7 +21,14 @@ from utils.pseudo_labels import (
     soft_label,
     stack_probabilities,
 )
-from utils.run import check_settings, load_npz, save_npz
+from datasets import build_dataset
+from models.par import PAR
+from tools import make_pseudo_labels
+from tools.make_cam import cam_arrays
+from utils.config import config_from_args, load_config, save_config
+from utils.io import load_npz, read_label_png, save_label_png, save_npz, voc_palette
+from utils.metrics import cam_to_label
+from utils.outputs import check_settings
 
 IGN = 255
 NUM_CLASSES = 21  # VOC, background included (configs/smoke.yaml inherits it)
@@ -142,7 +142,7 @@ def test_refinement_snaps_a_shifted_cam_to_the_image_edges() -> None:
 
 def test_dual_par_matches_online_seg_labels() -> None:
     # The offline dual + PAR path is the §2.4 recipe: on one image with its full box it must agree with
-    # utils.cam.online_seg_labels, the online implementation used in training.
+    # core.cam.online_seg_labels, the online implementation used in training.
     gen = torch.Generator().manual_seed(0)
     num_fg, h, w = 6, 24, 20
     present = [1, 4]  # class ids 2 and 5

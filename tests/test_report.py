@@ -13,7 +13,7 @@ import pytest
 from tools import report
 from utils.config import load_config, save_config
 from utils.io import atomic_write_json
-from utils.run import split_name
+from utils.outputs import split_name
 
 REPO = Path(__file__).resolve().parent.parent
 ORACLE = "GT-tuned threshold, oracle — not a protocol number"
@@ -97,7 +97,7 @@ def test_report_names_a_non_final_checkpoint(tmp_path):
 def test_protocol_splits(config, overrides, expected):
     cfg = load_config(config, ["run.out_dir=/unused", "data.root=/unused", *overrides])
     assert report.protocol_splits(cfg) == expected
-    assert report.seg_split(cfg) == split_name(cfg)  # report's copy of the rule agrees with utils.run's
+    assert report.seg_split(cfg) == split_name(cfg)  # report's copy of the rule agrees with utils.outputs
 
 
 FAKE_LAUNCH = """#!/usr/bin/env bash

@@ -20,10 +20,9 @@ import torch
 from PIL import Image
 
 from tools import train
-from utils.checkpoint import read_checkpoint
+from utils.checkpoint import read_checkpoint, resolve_checkpoint
 from utils.config import load_config
 from utils.logging import read_metrics
-from utils.run import resolve_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_TERMS = {"cls", "cls_aux", "ptc", "ctc", "smc", "mem", "seg", "reg"}
@@ -265,7 +264,7 @@ def test_resolve_checkpoint_names_and_errors(tmp_path):
 )
 def test_deprecated_best_alias_prefers_best_seg_and_warns(tmp_path, caplog, present, expected):
     _touch(tmp_path / "checkpoints", *present)
-    with caplog.at_level(logging.WARNING, logger="utils.run"):
+    with caplog.at_level(logging.WARNING, logger="utils.checkpoint"):
         assert resolve_checkpoint(_checkpoint_cfg(tmp_path, "best")) == tmp_path / "checkpoints" / expected
     assert "eval.checkpoint=best is deprecated" in caplog.text and expected in caplog.text
 

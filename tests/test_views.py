@@ -1,8 +1,8 @@
-"""utils/views.py: device-side photometric views."""
+"""core/views.py: device-side photometric views."""
 
 import torch
 
-from utils.views import PhotometricAugment, flip_boxes
+from core.views import PhotometricAugment, flip_boxes
 
 OFF = {"flip_p": 0.0, "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
 

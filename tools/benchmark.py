@@ -21,16 +21,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from core import cam as camlib
+from engine.inference import predict_seg_logits
+from engine.step import TrainStep
 from losses import TERMS
 from models import build_model, normalize
-from utils import cam as camlib
 from utils.config import add_config_arguments, load_config
-from utils.crf import dense_crf
-from utils.engine import TrainStep
+from utils.crf import crf_params, dense_crf
 from utils.errors import exit_on_user_error
-from utils.inference import predict_seg_logits
 from utils.optim import build_optimizer
-from utils.run import crf_params
 
 STAGES = ("train", "cam", "seg", "crf")
 

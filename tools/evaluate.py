@@ -52,12 +52,13 @@ from tqdm import tqdm
 from datasets import build_dataset
 from datasets.classes import class_names
 from utils import dist
+from utils.checkpoint import resolve_checkpoint
 from utils.config import ConfigError, add_config_arguments, config_from_args
 from utils.errors import InputError, exit_on_user_error
-from utils.io import atomic_write_json, read_label_png
+from utils.io import atomic_write_json, load_npz, read_label_png
 from utils.logging import setup_logging
 from utils.metrics import CamThresholdSweep, ConfusionMatrix, cam_to_label, format_table
-from utils.run import load_npz, resolve_checkpoint, split_name, sweep_temp_files
+from utils.outputs import split_name, sweep_temp_files
 from utils.visualize import plot_sweep
 
 logger = logging.getLogger("tools.evaluate")

@@ -44,23 +44,15 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import build_dataset, collate_eval
+from engine.inference import autocast, autocast_name, check_resize_mode, predict_seg_logits
+from models import load_trained_model
 from utils import dist
+from utils.checkpoint import checkpoint_identity
 from utils.config import ConfigError
-from utils.crf import CRFPool
-from utils.inference import autocast, autocast_name, check_resize_mode, predict_seg_logits
-from utils.io import save_label_png
+from utils.crf import CRFPool, crf_params
+from utils.io import save_label_png, save_npz
 from utils.logging import setup_logging
-from utils.run import (
-    checkpoint_identity,
-    crf_params,
-    load_trained_model,
-    output_dir,
-    pending_indices,
-    prepare_outputs,
-    run_tool,
-    save_npz,
-    split_name,
-)
+from utils.outputs import output_dir, pending_indices, prepare_outputs, run_tool, split_name
 from utils.visualize import overlay, save_image, side_by_side
 
 logger = logging.getLogger("tools.infer_seg")
@@ -135,7 +127,7 @@ def plan_work(cfg: DictConfig, ids: list[str], folders: Folders) -> Plan:
 
 
 def output_settings(cfg: DictConfig, device: torch.device) -> dict:
-    """What determines the seg outputs; a resumed run must match it (``utils.run.check_settings``)."""
+    """What determines the seg outputs; a resumed run must match it (``utils.outputs.check_settings``)."""
     ev = cfg.eval
     try:  # before settings.json can record a typo
         resize_mode = check_resize_mode(str(ev.resize_mode))

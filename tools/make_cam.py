@@ -31,24 +31,17 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from core.cam import multiscale_cam
 from datasets import build_dataset, collate_eval
-from models import MSFC, fuse_similarity, normalize
+from engine.inference import autocast
+from engine.step import label_cam_precision
+from models import MSFC, fuse_similarity, load_trained_model, normalize
 from utils import dist
-from utils.cam import multiscale_cam
+from utils.checkpoint import checkpoint_identity
 from utils.config import ConfigError
-from utils.engine import label_cam_precision
-from utils.inference import autocast
+from utils.io import save_npz
 from utils.logging import setup_logging
-from utils.run import (
-    checkpoint_identity,
-    load_trained_model,
-    output_dir,
-    pending_indices,
-    prepare_outputs,
-    run_tool,
-    save_npz,
-    split_name,
-)
+from utils.outputs import output_dir, pending_indices, prepare_outputs, run_tool, split_name
 
 logger = logging.getLogger("tools.make_cam")
 

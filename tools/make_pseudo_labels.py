@@ -15,7 +15,7 @@ Reads the ``pseudo.cam_key`` branch of ``RUN/cams/<split>/<id>.npz`` and writes 
   streamed); every stack is refined (both for dual);
 - ``pseudo.soft``: also ``RUN/pseudo_labels/<split>/soft/<id>.npz`` — the probabilities of the single-threshold stack
   (``pseudo.bkg_thre``; refined like the hard label) over background + present classes only, ``pseudo.soft_dtype``.
-  Expand one with ``utils.pseudo_labels.load_soft_label``.
+  Expand one with ``core.pseudo_labels.load_soft_label``.
 
 Sharded over ranks, resumable (ids whose outputs exist are skipped), atomic writes (temporary files a killed run left
 are swept at start); ``settings.json`` in the output folder refuses a resume with different settings (a folder that
@@ -38,14 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from datasets import build_dataset
-from models.par import PAR
-from utils import dist
-from utils.config import ConfigError
-from utils.crf import CRFPool
-from utils.io import read_image, save_label_png
-from utils.logging import setup_logging
-from utils.pseudo_labels import (
+from core.pseudo_labels import (
     IGNORE_INDEX,
     SOFT_DTYPES,
     check_image,
@@ -56,7 +49,14 @@ from utils.pseudo_labels import (
     soft_label,
     stack_probabilities,
 )
-from utils.run import crf_params, output_dir, pending_indices, prepare_outputs, run_tool, save_npz, split_name
+from datasets import build_dataset
+from models.par import PAR
+from utils import dist
+from utils.config import ConfigError
+from utils.crf import CRFPool, crf_params
+from utils.io import read_image, save_label_png, save_npz
+from utils.logging import setup_logging
+from utils.outputs import output_dir, pending_indices, prepare_outputs, run_tool, split_name
 
 logger = logging.getLogger("tools.make_pseudo_labels")
 

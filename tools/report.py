@@ -59,7 +59,7 @@ NUM_IMAGES = {"cam": ("cams_{split}.json", "cams_aux_{split}.json", "pseudo_labe
 def seg_split(cfg: DictConfig) -> str:
     """The split the segmentation head is scored on: ``eval.split``, else ``data.val_split``.
 
-    The rule of ``utils.run.split_name``, not imported from there because that module loads torch (4 s), and
+    The rule of ``utils.outputs.split_name``, not imported from there because that module loads torch (4 s), and
     ``scripts/infer_pipeline.sh`` asks for the splits before its first stage (tests/test_report.py checks they agree).
     """
     return str(cfg.eval.split if cfg.eval.split is not None else cfg.data.val_split)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from datasets import build_dataset
 from datasets.base import pair_problems
+from engine.step import TrainStep, heads_in_use, set_heads_trainable, validate
 from models import build_model
 from utils import dist
 from utils.checkpoint import (
@@ -60,7 +61,6 @@ from utils.config import (
     format_changes,
     save_config,
 )
-from utils.engine import TrainStep, heads_in_use, set_heads_trainable, validate
 from utils.errors import UserError, exit_on_user_error
 from utils.lock import RunLock, RunLockedError, describe_holder
 from utils.logging import MetricsWriter, setup_logging

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from utils import dist
@@ -472,3 +473,75 @@ def remove_partial_files(run_dir: str | Path) -> list[Path]:
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+# eval.checkpoint names -> file in RUN/checkpoints/. best_cam / best_seg are chosen on the validation split during
+# training (tools/train.py), so a number reported on that split from them is tuned on it; `last` is the protocol.
+CHECKPOINT_FILES = {"last": "last.pth", "best_cam": "best_cam.pth", "best_seg": "best_seg.pth"}
+
+# The deprecated alias `best`, in order of preference; best.pth is what run folders trained before the split wrote.
+BEST_ALIAS_FILES = ("best_seg.pth", "best_cam.pth", "best.pth", "last.pth")
+
+_warned_alias: set[Path] = set()
+
+
+def resolve_checkpoint(cfg: DictConfig) -> Path:
+    """The checkpoint named by ``eval.checkpoint``.
+
+    ``last`` (the final checkpoint; the protocol of SPEC §8), ``best_cam`` / ``best_seg`` (the best validation CAM /
+    segmentation mIoU seen in training), or a path to a checkpoint file. ``best`` is a deprecated alias kept for old
+    run folders: ``best_seg.pth``, else ``best_cam.pth``, else the old ``best.pth``, else ``last.pth``, with a
+    warning naming the file it picked.
+
+    Raises:
+        FileNotFoundError: the named checkpoint does not exist; the message names ``eval.checkpoint``.
+    """
+    choice = str(cfg.eval.checkpoint)
+    folder = checkpoint_dir(cfg.run.out_dir)
+    if choice in CHECKPOINT_FILES:
+        path = folder / CHECKPOINT_FILES[choice]
+        if path.is_file():
+            return path
+        why = {"last": "train first", "best_cam": "written only when training validates (train.eval_every > 0)",
+               "best_seg": "written only by validations after the decoder started training (train.eval_every > 0, "
+                           "loss.weight.seg > 0)"}[choice]  # fmt: skip
+        present = sorted(p.name for p in folder.glob("*.pth")) if folder.is_dir() else []
+        raise FileNotFoundError(
+            f"eval.checkpoint={choice}: no {path.name} in {folder} ({why}); present: {present or 'none'}. Set "
+            f"eval.checkpoint to one of {' | '.join(CHECKPOINT_FILES)} or a checkpoint path"
+        )
+    if choice == "best":
+        for name in BEST_ALIAS_FILES:
+            if (folder / name).is_file():
+                if folder / name not in _warned_alias:  # every tool resolves several times; say it once
+                    _warned_alias.add(folder / name)
+                    logger.warning(
+                        "eval.checkpoint=best is deprecated (best_cam | best_seg | last); using %s. Reported numbers "
+                        "follow SPEC §8 with eval.checkpoint=last", folder / name,
+                    )  # fmt: skip
+                return folder / name
+        raise FileNotFoundError(
+            f"eval.checkpoint=best (deprecated): none of {', '.join(BEST_ALIAS_FILES)} in {folder}; train first, or "
+            f"set eval.checkpoint to one of {' | '.join(CHECKPOINT_FILES)} or a checkpoint path"
+        )
+    path = Path(choice)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"eval.checkpoint={choice}: file not found (the choices are {' | '.join(CHECKPOINT_FILES)} or a path to a "
+            "checkpoint file)"
+        )
+    return path
+
+
+def checkpoint_identity(cfg: DictConfig) -> dict[str, object]:
+    """The resolved ``eval.checkpoint`` with its size and modification time, for the tools' ``settings.json``.
+
+    A path alone would let outputs of an earlier training run (same run folder, same ``last.pth`` name) pass as
+    current; size and mtime change whenever a checkpoint is rewritten.
+    """
+    path = resolve_checkpoint(cfg).resolve()
+    stat = path.stat()
+    run_dir = Path(cfg.run.out_dir).resolve()
+    # relative to the run folder when inside it, so a run folder moved to another disk still resumes
+    shown = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
+    return {"path": str(shown), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}

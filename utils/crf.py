@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
+from omegaconf import DictConfig
 from pydensecrf.utils import unary_from_softmax
 
 # Probabilities are clipped to this before -log: an exact 0 would give an infinite unary that no pairwise term
@@ -262,3 +263,8 @@ class CRFPool:
             self.close()
         else:
             self.terminate()
+
+
+def crf_params(cfg: DictConfig) -> dict[str, float]:
+    """The ``crf.*`` keys as keyword arguments of ``utils.crf.dense_crf`` / ``CRFPool``."""
+    return {key: int(value) if key == "iters" else float(value) for key, value in cfg.crf.items()}

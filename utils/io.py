@@ -8,12 +8,14 @@ import io
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from utils.errors import BadFileError
 
 # Attempts at a fresh temporary name before giving up; with 64 random bits a second attempt is already unheard of.
 TEMP_NAME_TRIES = 100
@@ -170,3 +172,23 @@ def probe_image(path: str | os.PathLike, decode: bool = False) -> tuple[str, tup
         action = "decode" if decode else "read the header of"
         raise OSError(f"cannot {action} image file {path} (corrupt, truncated or not an image): {err}") from err
     return info
+
+
+def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Atomically write a compressed ``.npz``."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a ``.npz`` fully (so the file is closed); errors name the file."""
+    try:
+        with np.load(path) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file not found: {path}") from None
+    except (OSError, ValueError) as err:
+        raise BadFileError(
+            f"cannot read {path} (corrupt or not an .npz file): {err}; delete it and rerun the tool that wrote it"
+        ) from err

@@ -1,4 +1,4 @@
-"""Run-folder helpers shared by the inference tools: the trained model, output folders, resumable sharded work.
+"""Output folders of the inference tools: resumable sharded work, settings records, swept temporary files.
 
 Every inference tool reads a trained run folder (``--run-dir RUN`` reloads ``RUN/config.yaml``), shards its images over
 torchrun ranks (``ids[rank::world]``), skips images whose outputs exist (so an interrupted tool resumes), writes each
@@ -14,7 +14,6 @@ User mistakes (a missing run folder or checkpoint, a refused folder, a bad confi
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import re
@@ -22,119 +21,20 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from models import MSFC, build_model
 from utils import dist
-from utils.checkpoint import checkpoint_dir, load_model_state, read_checkpoint
 from utils.config import add_config_arguments, config_from_args
-from utils.errors import BadFileError, InputError, UserError, exit_on_user_error
-from utils.io import atomic_write_bytes, atomic_write_json
+from utils.errors import InputError, UserError, exit_on_user_error
+from utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-
-# eval.checkpoint names -> file in RUN/checkpoints/. best_cam / best_seg are chosen on the validation split during
-# training (tools/train.py), so a number reported on that split from them is tuned on it; `last` is the protocol.
-CHECKPOINT_FILES = {"last": "last.pth", "best_cam": "best_cam.pth", "best_seg": "best_seg.pth"}
-# The deprecated alias `best`, in order of preference; best.pth is what run folders trained before the split wrote.
-BEST_ALIAS_FILES = ("best_seg.pth", "best_cam.pth", "best.pth", "last.pth")
-_warned_alias: set[Path] = set()
 SETTINGS_FILE = "settings.json"
+
 # The temporary files of utils.io.atomic_path: ".<name>.<16 hex digits>.tmp", and ".<name>.<8 of [a-z0-9_]>.tmp"
 # from the tempfile.mkstemp names it used before (left behind by runs of that code). Nothing else is ever swept.
 TEMP_FILE = re.compile(r"^\.(?P<target>.+)\.(?:[0-9a-f]{16}|[a-z0-9_]{8})\.tmp$")
-
-
-def resolve_checkpoint(cfg: DictConfig) -> Path:
-    """The checkpoint named by ``eval.checkpoint``.
-
-    ``last`` (the final checkpoint; the protocol of SPEC §8), ``best_cam`` / ``best_seg`` (the best validation CAM /
-    segmentation mIoU seen in training), or a path to a checkpoint file. ``best`` is a deprecated alias kept for old
-    run folders: ``best_seg.pth``, else ``best_cam.pth``, else the old ``best.pth``, else ``last.pth``, with a
-    warning naming the file it picked.
-
-    Raises:
-        FileNotFoundError: the named checkpoint does not exist; the message names ``eval.checkpoint``.
-    """
-    choice = str(cfg.eval.checkpoint)
-    folder = checkpoint_dir(cfg.run.out_dir)
-    if choice in CHECKPOINT_FILES:
-        path = folder / CHECKPOINT_FILES[choice]
-        if path.is_file():
-            return path
-        why = {"last": "train first", "best_cam": "written only when training validates (train.eval_every > 0)",
-               "best_seg": "written only by validations after the decoder started training (train.eval_every > 0, "
-                           "loss.weight.seg > 0)"}[choice]  # fmt: skip
-        present = sorted(p.name for p in folder.glob("*.pth")) if folder.is_dir() else []
-        raise FileNotFoundError(
-            f"eval.checkpoint={choice}: no {path.name} in {folder} ({why}); present: {present or 'none'}. Set "
-            f"eval.checkpoint to one of {' | '.join(CHECKPOINT_FILES)} or a checkpoint path"
-        )
-    if choice == "best":
-        for name in BEST_ALIAS_FILES:
-            if (folder / name).is_file():
-                if folder / name not in _warned_alias:  # every tool resolves several times; say it once
-                    _warned_alias.add(folder / name)
-                    logger.warning(
-                        "eval.checkpoint=best is deprecated (best_cam | best_seg | last); using %s. Reported numbers "
-                        "follow SPEC §8 with eval.checkpoint=last", folder / name,
-                    )  # fmt: skip
-                return folder / name
-        raise FileNotFoundError(
-            f"eval.checkpoint=best (deprecated): none of {', '.join(BEST_ALIAS_FILES)} in {folder}; train first, or "
-            f"set eval.checkpoint to one of {' | '.join(CHECKPOINT_FILES)} or a checkpoint path"
-        )
-    path = Path(choice)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"eval.checkpoint={choice}: file not found (the choices are {' | '.join(CHECKPOINT_FILES)} or a path to a "
-            "checkpoint file)"
-        )
-    return path
-
-
-def checkpoint_identity(cfg: DictConfig) -> dict[str, object]:
-    """The resolved ``eval.checkpoint`` with its size and modification time, for the tools' ``settings.json``.
-
-    A path alone would let outputs of an earlier training run (same run folder, same ``last.pth`` name) pass as
-    current; size and mtime change whenever a checkpoint is rewritten.
-    """
-    path = resolve_checkpoint(cfg).resolve()
-    stat = path.stat()
-    run_dir = Path(cfg.run.out_dir).resolve()
-    # relative to the run folder when inside it, so a run folder moved to another disk still resumes
-    shown = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
-    return {"path": str(shown), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def load_trained_model(cfg: DictConfig, device: torch.device) -> MSFC:
-    """Build the run's model from its config and load ``eval.checkpoint`` into it (eval mode, no pretrained download).
-
-    A checkpoint from another model (backbone, number of classes, head sizes) is an error listing the mismatched keys.
-    """
-    path = resolve_checkpoint(cfg)
-    # The checkpoint holds every weight, so skip timm's download / the local backbone file.
-    model = build_model(_without_pretrained(cfg))
-    load_model_state(model, read_checkpoint(path)["model"], str(path))
-    logger.info("loaded %s", path)
-    return model.to(device).eval()
-
-
-def _without_pretrained(cfg: DictConfig) -> DictConfig:
-    from omegaconf import OmegaConf
-
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["model"]["pretrained"] = False
-    plain["model"]["weights"] = None
-    return OmegaConf.create(plain)
-
-
-def crf_params(cfg: DictConfig) -> dict[str, float]:
-    """The ``crf.*`` keys as keyword arguments of ``utils.crf.dense_crf`` / ``CRFPool``."""
-    return {key: int(value) if key == "iters" else float(value) for key, value in cfg.crf.items()}
 
 
 def split_name(cfg: DictConfig) -> str:
@@ -158,26 +58,6 @@ def pending_indices(ids: Sequence[str], folder: Path, suffix: str) -> tuple[list
     mine = dist.shard(range(len(ids)))
     todo = [i for i in mine if not (folder / f"{ids[i]}{suffix}").is_file()]
     return todo, len(mine) - len(todo)
-
-
-def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Atomically write a compressed ``.npz``."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a ``.npz`` fully (so the file is closed); errors name the file."""
-    try:
-        with np.load(path) as data:
-            return {key: data[key] for key in data.files}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"file not found: {path}") from None
-    except (OSError, ValueError) as err:
-        raise BadFileError(
-            f"cannot read {path} (corrupt or not an .npz file): {err}; delete it and rerun the tool that wrote it"
-        ) from err
 
 
 def run_tool(description: str, work: Callable[[DictConfig], object], argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""utils/run.py's output-folder helpers: the temporary-file sweep and settings.json (record, refuse, re-claim)."""
+"""utils/outputs.py's output-folder helpers: the temporary-file sweep and settings.json (record, refuse, re-claim)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from utils.errors import UserError
 from utils.io import atomic_path, save_label_png
-from utils.run import TEMP_FILE, check_settings, prepare_outputs, sweep_temp_files
+from utils.outputs import TEMP_FILE, check_settings, prepare_outputs, sweep_temp_files
 
 
 class _Interrupted(Exception):
@@ -73,7 +73,7 @@ def test_a_folder_without_outputs_is_re_claimed_with_a_log_line(tmp_path: Path, 
     (tmp_path / "soft" / "settings.json").write_text("{}")
     check_settings(tmp_path, {"checkpoint": "last.pth"}, write=False)  # other ranks: accept, leave it to rank 0
     assert json.loads((tmp_path / "settings.json").read_text()) == {"checkpoint": "missing.pth"}
-    with caplog.at_level(logging.WARNING, logger="utils.run"):
+    with caplog.at_level(logging.WARNING, logger="utils.checkpoint"):
         check_settings(tmp_path, {"checkpoint": "last.pth"}, write=True)
     assert json.loads((tmp_path / "settings.json").read_text()) == {"checkpoint": "last.pth"}
     assert "re-claimed with the current settings (checkpoint: 'missing.pth' -> 'last.pth')" in caplog.text

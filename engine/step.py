@@ -28,7 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from core import cam as camlib
+from core.views import PhotometricAugment, flip_boxes
 from datasets import collate_eval
+from engine.inference import autocast, predict_seg_logits
 from losses import (
     BalancedCrossEntropy,
     ClassTokenContrast,
@@ -43,12 +46,9 @@ from losses import (
 )
 from models import MSFCOutput, normalize
 from models.par import PAR
-from utils import cam as camlib
 from utils import dist
 from utils.checkpoint import unwrap
-from utils.inference import autocast, predict_seg_logits
 from utils.metrics import ConfusionMatrix, cam_to_label
-from utils.views import PhotometricAugment, flip_boxes
 from utils.visualize import cam_heatmap, overlay, side_by_side
 
 # Terms that train a head of their own; the head is frozen while none of its terms is active (docs/design.md).

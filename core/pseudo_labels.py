@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.crf import dense_crf
-from utils.run import load_npz
+from utils.io import load_npz
 
 IGNORE_INDEX = 255
 SOFT_DTYPES = ("uint8", "float16")
