@@ -1,4 +1,11 @@
-"""Photometric views built on the device from crop tensors (SPEC §3): G1, G2 and the local source L.
+"""The training views built on the device from crop tensors (SPEC §3, §4.3, §4.4).
+
+- photometric views G1, G2 and the local source L (:class:`PhotometricAugment`, :func:`flip_boxes`);
+- local crops: :func:`roi_map`, :func:`place_local_crops`, :func:`cut_crops` (§4.3);
+- SMCM views: :func:`smcm_views` and its inverse :func:`smcm_to_main` (§3, §4.4).
+
+Only the G2 random resized crop, which needs the original image, is cut in the data loader
+(``datasets/transforms.py``).
 
 Random parameters are drawn per image from a CPU ``torch.Generator`` (cheap scalars, checkpointable, identical on CPU
 and CUDA); the image operations are torchvision's and run wherever the images are. The colour-jitter operations are
@@ -9,11 +16,15 @@ generator draw sequence fully determines a view.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+from core.cam import check_4d, resize_bilinear, round_to_patch
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -85,3 +96,183 @@ def flip_boxes(boxes: torch.Tensor, flipped: torch.Tensor, width: int) -> torch.
     """
     mirrored = torch.stack([boxes[:, 0], boxes[:, 1], width - boxes[:, 3], width - boxes[:, 2]], dim=1)
     return torch.where(flipped.to(boxes.device)[:, None], mirrored, boxes)
+
+
+# Order in which smcm_to_main stacks the views it is given (SPEC §3).
+SMCM_VIEWS = ("rot", "scaled", "quads")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# §4.3 ROI map and local crops
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def roi_map(cam_aux: Tensor, high: float, low: float) -> Tensor:
+    """ROI map for local crop placement (SPEC §4.3) from the class-masked ``CAM_aux`` [B, C_fg, H, W].
+
+    With v the max over classes: 0 where v ≤ low (background), 2 where v ≥ high (confident foreground), 1 between.
+
+    Returns:
+        int64 [B, H, W] with values 0 / 1 / 2.
+    """
+    check_4d(cam_aux, "roi_map: cam_aux")
+    value = cam_aux.amax(dim=1)
+    roi = torch.ones_like(value, dtype=torch.int64)
+    roi = roi.masked_fill(value <= low, 0)
+    return roi.masked_fill(value >= high, 2)
+
+
+def place_local_crops(
+    roi: Tensor,
+    num: int,
+    size: int,
+    neg_thre: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Place ``num`` square local crops per image from its ROI map (SPEC §4.3).
+
+    A crop centred on pixel (cy, cx) has its top-left corner at (cy − size // 2, cx − size // 2), so the interior
+    centres (at least half a crop from the border) are exactly those whose crop lies inside the image. Candidates are
+    interior pixels with ROI ≤ 1; an image with fewer than ``num`` candidates draws from all interior pixels.
+    Centres are drawn uniformly without replacement (``torch.multinomial``, batched over images). A crop is negative
+    when its mean ROI value is ≤ ``neg_thre``.
+
+    Args:
+        roi: [B, H, W] with values 0 / 1 / 2 (:func:`roi_map`).
+        num: crops per image.
+        size: crop side in pixels (≤ H, W).
+        neg_thre: mean-ROI threshold of a negative crop.
+        generator: random generator (sampling runs on its device); None uses the global one.
+
+    Returns:
+        tops int64 [B, num, 2] = (y, x) top-left corners, and negative bool [B, num]; on ``roi``'s device.
+    """
+    if roi.dim() != 3:
+        raise ValueError(f"place_local_crops: roi must be [B, H, W], got shape {tuple(roi.shape)}")
+    height, width = roi.shape[-2:]
+    if size < 1 or size > min(height, width):
+        raise ValueError(f"place_local_crops: size must be in 1..{min(height, width)} for a {height}x{width} roi")
+    half = size // 2
+    span_y, span_x = height - size + 1, width - size + 1  # possible top-left rows / columns
+    if num < 1 or num > span_y * span_x:
+        raise ValueError(f"place_local_crops: num must be in 1..{span_y * span_x} (interior pixels), got {num}")
+
+    interior = roi[:, half : half + span_y, half : half + span_x]  # indexed by top-left corner
+    candidates = interior <= 1
+    enough = candidates.flatten(1).sum(dim=1) >= num
+    weights = torch.where(enough[:, None], candidates.flatten(1), torch.ones_like(candidates.flatten(1)))
+    sample_device = generator.device if generator is not None else roi.device
+    picked = torch.multinomial(weights.to(sample_device, torch.float32), num, replacement=False, generator=generator)
+    picked = picked.to(roi.device)
+    tops = torch.stack([picked // span_x, picked % span_x], dim=-1)
+
+    # Crop sums from an integral image: exact in int64, no per-crop loop.
+    integral = F.pad(roi.to(torch.int64).cumsum(1).cumsum(2), (1, 0, 1, 0))  # [B, H + 1, W + 1]
+    y0, x0 = tops[..., 0], tops[..., 1]
+    y1, x1 = y0 + size, x0 + size
+    flat = integral.flatten(1)
+
+    def at(y: Tensor, x: Tensor) -> Tensor:
+        return torch.gather(flat, 1, y * (width + 1) + x)
+
+    sums = at(y1, x1) - at(y0, x1) - at(y1, x0) + at(y0, x0)
+    negative = sums.double() / (size * size) <= neg_thre
+    return tops, negative
+
+
+def cut_crops(images: Tensor, tops: Tensor, size: int) -> Tensor:
+    """Cut square crops: images [B, 3, H, W], tops [B, num, 2] (y, x) → [B·num, 3, size, size], image-major."""
+    check_4d(images, "cut_crops: images")
+    batch, channels, height, width = images.shape
+    if tops.dim() != 3 or tops.shape[0] != batch or tops.shape[2] != 2:
+        raise ValueError(f"cut_crops: tops must be [B={batch}, num, 2], got shape {tuple(tops.shape)}")
+    tops = tops.to(images.device, torch.int64)
+    if tops.numel() and (tops.min() < 0 or tops[..., 0].max() > height - size or tops[..., 1].max() > width - size):
+        raise ValueError(f"cut_crops: crops of size {size} at the given tops do not fit in {height}x{width} images")
+    steps = torch.arange(size, device=images.device)
+    rows = (tops[..., 0, None] + steps)[:, :, :, None]  # [B, num, size, 1]
+    cols = (tops[..., 1, None] + steps)[:, :, None, :]  # [B, num, 1, size]
+    index = torch.arange(batch, device=images.device)[:, None, None, None]
+    crops = images.permute(0, 2, 3, 1)[index, rows, cols]  # [B, num, size, size, 3]
+    return crops.permute(0, 1, 4, 2, 3).reshape(-1, channels, size, size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# §3 / §4.4 SMCM views and their inverse (kept together so the two stay consistent)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def smcm_views(x: Tensor, scale: float, patch: int) -> dict[str, Tensor]:
+    """Spatial views of the main crop for SMCM (SPEC §3).
+
+    Args:
+        x: main crop (normalised), [B, 3, S, S]; non-square H × W works the same way.
+        scale: resize factor of the rescaled view (``views.smcm.scale``).
+        patch: backbone patch size; every view side is a multiple of it.
+
+    Returns:
+        ``rot`` [B, 3, S, S] rotated by 180°; ``scaled`` [B, 3, S', S'] with S' = round(S·scale / patch)·patch
+        (bilinear); ``quads`` [4B, 3, S/2, S/2], per image top-left, top-right, bottom-left, bottom-right,
+        image-major.
+    """
+    check_4d(x, "smcm_views: x")
+    batch, channels, height, width = x.shape
+    if height % 2 or width % 2 or (height // 2) % patch or (width // 2) % patch:
+        raise ValueError(
+            f"smcm_views: the quadrants of a {height}x{width} crop must be multiples of the patch size {patch}; "
+            f"use a crop size that is a multiple of 2·patch = {2 * patch}"
+        )
+    if scale <= 0:
+        raise ValueError(f"smcm_views: scale must be positive, got {scale}")
+    scaled_size = (round_to_patch(height * scale, patch), round_to_patch(width * scale, patch))
+    qh, qw = height // 2, width // 2
+    # [B, C, 2, qh, 2, qw] → [B, 2 (row), 2 (col), C, qh, qw] lists quadrants TL, TR, BL, BR per image.
+    quads = x.reshape(batch, channels, 2, qh, 2, qw).permute(0, 2, 4, 1, 3, 5).reshape(4 * batch, channels, qh, qw)
+    return {"rot": torch.rot90(x, 2, dims=(-2, -1)), "scaled": resize_bilinear(x, scaled_size), "quads": quads}
+
+
+def _stitch_quads(quads: Tensor) -> Tensor:
+    """Inverse of the quadrant split: [4B, C, q_h, q_w] (TL, TR, BL, BR per image) → [B, C, 2·q_h, 2·q_w]."""
+    if quads.shape[0] % 4:
+        raise ValueError(f"smcm_to_main: quads CAM batch must be 4·B, got {quads.shape[0]}")
+    batch = quads.shape[0] // 4
+    _, channels, qh, qw = quads.shape
+    grid = quads.reshape(batch, 2, 2, channels, qh, qw).permute(0, 3, 1, 4, 2, 5)  # [B, C, 2, qh, 2, qw]
+    return grid.reshape(batch, channels, 2 * qh, 2 * qw)
+
+
+def smcm_to_main(view_cams: Mapping[str, Tensor], size: tuple[int, int]) -> Tensor:
+    """Map each SMCM view's CAM back to the main frame (SPEC §4.4); differentiable.
+
+    ``rot`` is rotated back by 180°, ``scaled`` is resized, ``quads`` are stitched (TL, TR, BL, BR) into one map;
+    each is then resized to ``size`` when its grid differs (bilinear, align_corners False).
+
+    Args:
+        view_cams: raw CAMs keyed like :func:`smcm_views`: ``rot`` / ``scaled`` [B, C_fg, ., .], ``quads``
+            [4B, C_fg, ., .]; any non-empty subset of the keys.
+        size: (h, w), the main CAM's grid.
+
+    Returns:
+        [V, B, C_fg, h, w], views stacked in the order rot, scaled, quads (those present).
+    """
+    unknown = set(view_cams) - set(SMCM_VIEWS)
+    if unknown or not view_cams:
+        raise ValueError(
+            f"smcm_to_main: view_cams keys must be a non-empty subset of {SMCM_VIEWS}, got {sorted(view_cams)}"
+        )
+    size = (int(size[0]), int(size[1]))
+    mapped = []
+    for name in SMCM_VIEWS:
+        if name not in view_cams:
+            continue
+        cam = view_cams[name]
+        check_4d(cam, f"smcm_to_main: view_cams[{name!r}]")
+        if name == "rot":
+            cam = torch.rot90(cam, 2, dims=(-2, -1))
+        elif name == "quads":
+            cam = _stitch_quads(cam)
+        mapped.append(resize_bilinear(cam, size))
+    batches = {m.shape[0] for m in mapped}
+    if len(batches) != 1:
+        raise ValueError(f"smcm_to_main: views disagree on the batch size after mapping: {sorted(batches)}")
+    return torch.stack(mapped, dim=0)

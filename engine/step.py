@@ -20,18 +20,16 @@ import dataclasses
 from collections import defaultdict
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from core import cam as camlib
+from core import labels as lablib
+from core import views as viewlib
 from core.views import PhotometricAugment, flip_boxes
-from datasets import collate_eval
-from engine.inference import autocast, predict_seg_logits
+from engine.inference import autocast
 from losses import (
     BalancedCrossEntropy,
     ClassTokenContrast,
@@ -46,10 +44,7 @@ from losses import (
 )
 from models import MSFCOutput, normalize
 from models.par import PAR
-from utils import dist
 from utils.checkpoint import unwrap
-from utils.metrics import ConfusionMatrix, cam_to_label
-from utils.visualize import cam_heatmap, overlay, side_by_side
 
 # Terms that train a head of their own; the head is frozen while none of its terms is active (docs/design.md).
 HEAD_TERMS = {"decoder": ("seg", "reg"), "proj_head": ("ctc",)}
@@ -195,7 +190,7 @@ class TrainStep:
 
         views = {"main": x}
         if "smc" in active:
-            smcm = camlib.smcm_views(x, float(self.cfg.views.smcm.scale), bare.patch_size)
+            smcm = viewlib.smcm_views(x, float(self.cfg.views.smcm.scale), bare.patch_size)
             views.update({f"smcm_{name}": view for name, view in smcm.items()})
         if "ctc" in active:
             if not self.main_is_g1:
@@ -203,14 +198,14 @@ class TrainStep:
                 views["g1"] = normalize(g1, check_range=False)
             g2, _ = self.g2(batch["g2"].float() / 255.0, generator)
             source, _ = self.local(crop01, generator)
-            roi = camlib.roi_map(cam_aux, self.high, self.low)
+            roi = viewlib.roi_map(cam_aux, self.high, self.low)
             # Centres are drawn where ROI <= 1; marking the zero padding 2 keeps local crops on the image.
             roi = torch.where(camlib.box_mask(box, size, size), roi, torch.full_like(roi, 2))
             local_cfg = self.cfg.views.local
-            tops, negative = camlib.place_local_crops(
+            tops, negative = viewlib.place_local_crops(
                 roi, int(local_cfg.num_crops), int(local_cfg.size), float(local_cfg.neg_roi_thre), generator
             )
-            crops = camlib.cut_crops(source, tops, int(local_cfg.size))  # [B·n, 3, size, size]
+            crops = viewlib.cut_crops(source, tops, int(local_cfg.size))  # [B·n, 3, size, size]
             flip = torch.rand(crops.shape[0], generator=generator) < self.local_flip_p
             crops = torch.where(flip.to(crops.device)[:, None, None, None], crops.flip(-1), crops)
             views.update(g2=normalize(g2, check_range=False), local=normalize(crops, check_range=False))
@@ -227,16 +222,16 @@ class TrainStep:
         if need_cams:
             cam_tok, cam_aux_tok = camlib.resize_to_tokens(cam, grid), camlib.resize_to_tokens(cam_aux, grid)
         if "ptc" in active:
-            token_lbl = camlib.token_labels(cam_aux_tok, box, size, self.high, self.low, self.ignore)
-            terms["ptc"] = self.losses["ptc"](main.tokens, camlib.pair_labels(token_lbl, self.ignore))
+            token_lbl = lablib.token_labels(cam_aux_tok, box, size, self.high, self.low, self.ignore)
+            terms["ptc"] = self.losses["ptc"](main.tokens, lablib.pair_labels(token_lbl, self.ignore))
         if "ctc" in active:
             terms["ctc"] = self._ctc(bare, outs, negative)
         if "smc" in active:
-            mapped = camlib.smcm_to_main({name: outs[f"smcm_{name}"].cam for name in smcm}, grid)
+            mapped = viewlib.smcm_to_main({name: outs[f"smcm_{name}"].cam for name in smcm}, grid)
             valid = camlib.box_mask(box, grid, size)
             terms["smc"] = self.losses["smc"](mapped.float(), cam_tok, labels, valid)
         if self.cfg.loss.weight.mem > 0:
-            proto = camlib.prototype_labels(cam_tok, box, size, self.bkg)
+            proto = lablib.prototype_labels(cam_tok, box, size, self.bkg)
             bare.memory.accumulate(main.tokens.detach().float(), proto)
             if "mem" in active and bare.memory.any_initialized():
                 terms["mem"], logs["mem_weight"] = self._mem(bare, main, labels, box, cam_tok, cam_aux_tok)
@@ -275,7 +270,7 @@ class TrainStep:
         """Online segmentation labels (§2.4) -> balanced CE and the energy regulariser (§4.6)."""
         source = cam_aux if step < int(self.cfg.loss.seg_cam_switch_iter) else cam
         with torch.no_grad():
-            target = camlib.online_seg_labels(source, labels, images01, box, self.par, self.high, self.low, self.ignore)
+            target = lablib.online_seg_labels(source, labels, images01, box, self.par, self.high, self.low, self.ignore)
         logits = main.seg_logits.float()
         terms = {}
         if "seg" in active:
@@ -290,51 +285,3 @@ class TrainStep:
             ignored = (F.interpolate(target[:, None].float(), size=half, mode="nearest")[:, 0] == self.ignore) & valid
             terms["reg"] = self.losses["reg"](prob, image, valid, ignored)
         return terms
-
-
-@torch.no_grad()
-def validate(
-    model: nn.Module, dataset, cfg: DictConfig, device: torch.device
-) -> tuple[dict[str, float], list[np.ndarray]]:
-    """CAM, aux-CAM and segmentation mIoU on ``dataset`` (eval mode), sharded over ranks (SPEC §5.3).
-
-    CAMs are the multi-scale CAMs (§2.1) masked by the image labels, thresholded at ``cam.bkg_thre``; segmentation
-    uses ``eval.*`` (scales, flip, fusion, resize). Confusion matrices are all-reduced, so every rank returns the
-    same numbers. Also returns up to ``train.num_vis`` overlays (image | CAM | CAM label | prediction | ground
-    truth) from rank 0's first images.
-    """
-    bare = unwrap(model)
-    was_training = bare.training
-    bare.eval()
-    num_classes = int(cfg.data.num_classes)
-    matrices = {name: ConfusionMatrix(num_classes, int(cfg.data.ignore_index)) for name in ("cam", "cam_aux", "seg")}
-    indices = dist.shard(range(len(dataset)))
-    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=int(cfg.data.num_workers),
-                        collate_fn=collate_eval)  # fmt: skip
-    overlays: list[np.ndarray] = []
-    ev = cfg.eval
-    for item in tqdm(loader, desc="validate", disable=not dist.is_main_process(), leave=False, dynamic_ncols=True):
-        image = item["img"][0].to(device)[None]  # [1, 3, H, W] uint8
-        gt = item["mask"][0].numpy()
-        present = torch.nonzero(item["label"][0]).flatten()
-        cam, cam_aux = camlib.multiscale_cam(bare, normalize(image), tuple(cfg.cam.scales), int(cfg.cam.max_batch))
-        shape = tuple(gt.shape)
-        labels = {}
-        for name, maps in (("cam", cam), ("cam_aux", cam_aux)):
-            kept = maps[0, present.to(device)].float().cpu().numpy()
-            labels[name] = cam_to_label(kept, (present + 1).numpy(), float(cfg.cam.bkg_thre), shape)
-            matrices[name].update(labels[name], gt)
-        logits = predict_seg_logits(bare, image, tuple(ev.scales), bool(ev.flip), ev.flip_fusion, ev.scale_fusion,
-                                    ev.resize, resize_mode=str(ev.resize_mode))  # fmt: skip
-        prediction = logits[0].argmax(0).cpu().numpy().astype(np.uint8)
-        matrices["seg"].update(prediction, gt)
-        if dist.is_main_process() and len(overlays) < int(cfg.train.num_vis):
-            rgb = image[0].permute(1, 2, 0).cpu().numpy()
-            heat = cam[0, present.to(device)].amax(0).float().cpu().numpy() if len(present) else np.zeros(shape)
-            overlays.append(side_by_side([rgb, cam_heatmap(rgb, heat), overlay(rgb, labels["cam"]),
-                                          overlay(rgb, prediction), overlay(rgb, gt)]))  # fmt: skip
-    results = {}
-    for name, matrix in matrices.items():
-        results[f"{name}_miou"] = float(matrix.all_reduce().compute()["miou"] or 0.0)
-    bare.train(was_training)
-    return results, overlays

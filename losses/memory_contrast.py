@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from core.cam import pair_labels, token_labels
+from core.labels import pair_labels, token_labels
 from losses.token_contrast import PatchTokenContrast
 
 # Histogram of the profile cosines (SPEC §4.5): 10 bins on [0, 1].
@@ -20,8 +20,8 @@ COS_EPS = 1e-8
 class MemoryContrast(nn.Module):
     """MP2M loss (SPEC §4.5): the PTC loss (§4.2) on the final tokens with pair labels from the bank similarity.
 
-    Token labels come from the similarity map S exactly as §2.3 (`core.cam.token_labels` with the high / low
-    thresholds), pairs from `core.cam.pair_labels`. S carries no gradient; the tokens do. The caller multiplies
+    Token labels come from the similarity map S exactly as §2.3 (`core.labels.token_labels` with the high / low
+    thresholds), pairs from `core.labels.pair_labels`. S carries no gradient; the tokens do. The caller multiplies
     the result by `adaptive_memory_weight(...)` and only computes it once some bank class is initialised.
 
     forward(tokens [B, D, h, w], similarity [B, C_fg, h, w], img_box [B, 4], image_size (H, W)) -> scalar

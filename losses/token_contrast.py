@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Pair labels produced by core.cam.pair_labels (SPEC §2.3).
+# Pair labels produced by core.labels.pair_labels (SPEC §2.3).
 PAIR_SAME = 1
 PAIR_DIFFERENT = 0
 

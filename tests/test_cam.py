@@ -10,20 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cam import (
-    box_mask,
-    cut_crops,
-    multiscale_cam,
-    online_seg_labels,
-    pair_labels,
-    place_local_crops,
-    prototype_labels,
-    resize_to_tokens,
-    roi_map,
-    smcm_to_main,
-    smcm_views,
-    token_labels,
-)
+from core.cam import box_mask, multiscale_cam, resize_to_tokens
+from core.labels import online_seg_labels, pair_labels, prototype_labels, token_labels
+from core.views import cut_crops, place_local_crops, roi_map, smcm_to_main, smcm_views
 from models.par import PAR
 
 IGN = 255

@@ -149,7 +149,8 @@ DYING_EXPORT = textwrap.dedent(
     def write_then_die(path, data):
         if str(path).endswith(".npz"):
             calls.append(path)
-        if len(calls) == 2 and calls[-1] == path:  # the second CAM file: half-written through the real atomic writer, then SIGKILL
+        # the second CAM file: half-written through the real atomic writer, then SIGKILL
+        if len(calls) == 2 and calls[-1] == path:
             with utils.io.atomic_path(path) as tmp:
                 tmp.write_bytes(data[: len(data) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)

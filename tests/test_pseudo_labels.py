@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.cam import online_seg_labels
+from core.labels import online_seg_labels
 from core.pseudo_labels import (
     argmax_label,
     cams_to_label,
@@ -142,7 +142,7 @@ def test_refinement_snaps_a_shifted_cam_to_the_image_edges() -> None:
 
 def test_dual_par_matches_online_seg_labels() -> None:
     # The offline dual + PAR path is the §2.4 recipe: on one image with its full box it must agree with
-    # core.cam.online_seg_labels, the online implementation used in training.
+    # core.labels.online_seg_labels, the online implementation used in training.
     gen = torch.Generator().manual_seed(0)
     num_fg, h, w = 6, 24, 20
     present = [1, 4]  # class ids 2 and 5

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from datasets import build_dataset
 from datasets.base import pair_problems
-from engine.step import TrainStep, heads_in_use, set_heads_trainable, validate
+from engine.step import TrainStep, heads_in_use, set_heads_trainable
+from engine.validate import validate
 from models import build_model
 from utils import dist
 from utils.checkpoint import (
