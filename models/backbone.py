@@ -189,6 +189,10 @@ class ViTBackbone(nn.Module):
         """Class token plus register/distillation tokens in front of the patch tokens."""
         return int(self.vit.num_prefix_tokens)
 
+    def normalize(self, images: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
+        """This backbone's input normalisation (SPEC §1.1) of RGB images (uint8 or float in [0, 1]); see `normalize`."""
+        return normalize(images, check_range=check_range)
+
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         """Run the ViT on normalised images.
 

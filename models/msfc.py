@@ -120,6 +120,10 @@ class MSFC(nn.Module):
         """Backbone patch size p."""
         return self.backbone.patch_size
 
+    def normalize(self, images: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
+        """The backbone's input normalisation: `[B, 3, H, W]` uint8 or float in [0, 1] -> the model's input."""
+        return self.backbone.normalize(images, check_range=check_range)
+
     def forward(self, x: torch.Tensor, with_seg: bool = True) -> MSFCOutput:
         """Encode and classify.
 
