@@ -7,12 +7,4 @@
 # Usage: NGPUS=2 ./infer_run_VOC.sh runs/voc [key=value ...]
 #   Runs from any folder; --help adds the stages (scripts/infer_pipeline.sh) and the launcher's variables.
 set -euo pipefail
-here="$(dirname "${BASH_SOURCE[0]}")"
-for arg in "$@"; do
-    if [[ "${arg}" == -h || "${arg}" == --help ]]; then
-        sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
-        echo
-        exec "${here}/scripts/infer_pipeline.sh" --help
-    fi
-done
-exec "${here}/scripts/infer_pipeline.sh" "$@"
+MSFC_WRAPPER="${BASH_SOURCE[0]}" exec "$(dirname "${BASH_SOURCE[0]}")/scripts/infer_pipeline.sh" "$@"

@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
 # Train MSFC on MS-COCO 2014 (configs/coco.yaml). GPUs, machines: NGPUS, NNODES, RDZV_ENDPOINT (scripts/launch.sh).
 # Usage: NGPUS=4 ./train_run_COCO.sh data.root=/data/MSCOCO run.out_dir=runs/coco [key=value ...]
+#   --config FILE (repeatable) layers FILE over configs/coco.yaml: base.yaml <- coco.yaml <- FILE <- key=value.
 #   Runs from any folder; --help adds the launcher's variables and every option of tools.train.
 set -euo pipefail
 here="$(dirname "${BASH_SOURCE[0]}")"
-for arg in "$@"; do
-    if [[ "${arg}" == -h || "${arg}" == --help ]]; then
-        sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
-        echo
-        break
-    fi
-done
-exec "${here}/scripts/launch.sh" tools.train --config "${here}/configs/coco.yaml" "$@"
+MSFC_WRAPPER="${BASH_SOURCE[0]}" \
+    exec "${here}/scripts/launch.sh" tools.train --config "${here}/configs/coco.yaml" "$@"

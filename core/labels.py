@@ -1,20 +1,32 @@
-"""CAM -> label rules of the training step (SPEC §2.3, §2.4, §4.5): pure, batched tensor functions.
+"""CAM -> label rules (SPEC §2.3, §2.4, §2.5, §4.5, §5.3).
+
+Training (pure, batched tensor functions; int64 label maps):
 
 - :func:`token_labels` and :func:`pair_labels` (§2.3) for PTC and the memory contrast;
 - :func:`prototype_labels` (§4.5) for the memory bank's accumulation;
 - :func:`online_seg_labels` (§2.4), the segmentation head's online labels.
 
-Label maps are int64 with 0 = background, 1..C_fg = classes and ``ignore_index`` (255) = ignore.
+Offline tools and validation (numpy, one image; uint8 label maps):
+
+- :func:`cam_label`, the one "CAMs + background plane -> hard label" rule: CAM evaluation, validation and the
+  offline pseudo labels (raw CAMs at a threshold, or refined probabilities whose channel 0 is the plane) all use it;
+- :class:`CamThresholdSweep` (§5.3): the confusion matrices of :func:`cam_label` at many thresholds in one pass.
+
+Label maps hold 0 = background, 1..C_fg = classes and ``ignore_index`` (255 by default, ``data.ignore_index``) =
+ignore.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from core.cam import box_mask, check_4d, check_box, resize_bilinear
+from utils.metrics import ArrayLike, all_reduce_array, as_labels, check_range, compute_metrics, to_numpy
 
 # ----------------------------------------------------------------------------------------------------------------------
 # §2.3 Token labels and pair matrices, §4.5 prototype labels
@@ -196,3 +208,166 @@ def online_seg_labels(
     out = torch.where(label_h > 0, label_h, out)
     inside = box_mask(img_box.to(cam.device), (height, width), (height, width))
     return out.masked_fill(~inside, ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# §2.5, §5.3 CAMs + background plane -> hard label (offline tools, validation)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def max_and_class(cams: ArrayLike, classes: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel max CAM value and the class id of the argmax (the first of equal maxima).
+
+    Args:
+        cams: float [K, H, W] of the present classes only (K may be 0), numpy or torch.
+        classes: int [K], their class ids (>= 1).
+
+    Returns:
+        (value float64 [H, W], class_id int64 [H, W]); with K = 0 the value is -inf and the class 0, so the pixel is
+        background whatever the plane. float64 holds every float16 / float32 value exactly, so a comparison with a
+        Python float threshold is exact (a float16 CAM compared in float16 would round the threshold instead).
+    """
+    cams_np = to_numpy(cams, "cams")
+    classes_np = as_labels(classes, "classes").reshape(-1)
+    if cams_np.ndim != 3 or cams_np.shape[0] != classes_np.shape[0]:
+        raise ValueError(
+            f"cams must be [K, H, W] with K = len(classes) = {classes_np.shape[0]}, got cams of shape {cams_np.shape}"
+        )
+    if not np.issubdtype(cams_np.dtype, np.floating):
+        raise TypeError(f"cams must be floating point, got dtype {cams_np.dtype}")
+    if classes_np.size and classes_np.min() < 1:
+        raise ValueError(f"classes must be foreground ids >= 1, got {int(classes_np.min())}")
+    shape = cams_np.shape[1:]
+    if classes_np.size == 0:
+        return np.full(shape, -np.inf), np.zeros(shape, dtype=np.int64)
+    if not np.isfinite(cams_np).all():
+        raise ValueError("cams contain NaN or inf values")
+    index = cams_np.argmax(axis=0)
+    value = np.take_along_axis(cams_np, index[None], axis=0)[0].astype(np.float64)
+    return value, classes_np[index]
+
+
+def cam_label(
+    cams: ArrayLike, classes: ArrayLike, background: float | ArrayLike, ignore_index: int = 255
+) -> np.ndarray:
+    """Hard label of one image: arg-max over ``[background, cams...]``, background winning ties.
+
+    A pixel is foreground iff its max CAM value is strictly greater than its background score, and then takes the
+    class id of the argmax (the first of equal maxima). The comparison is exact (float64).
+
+    Args:
+        cams: float [K, H, W] of the present classes (K may be 0), numpy or torch; raw CAMs, or the class channels of
+            a probability stack.
+        classes: int [K] class ids in 1..C_fg.
+        background: the background plane: a constant threshold (``cam.bkg_thre``, ``pseudo.bkg_thre``, ...) or a
+            float [H, W] score per pixel (channel 0 of a probability stack).
+        ignore_index: the label map's ignore value (``data.ignore_index``); no class may take it.
+
+    Returns:
+        uint8 [H, W] class ids (0 = background).
+    """
+    value, class_id = max_and_class(cams, classes)
+    classes_np = np.asarray(classes).reshape(-1)
+    if classes_np.size and (classes_np.max() > 255 or ignore_index in classes_np):
+        raise ValueError(
+            f"class ids must fit a uint8 label map and differ from the ignore index {ignore_index}, "
+            f"got {sorted(int(c) for c in classes_np)}"
+        )
+    if isinstance(background, (np.ndarray, torch.Tensor)):
+        plane = to_numpy(background, "background").astype(np.float64)
+        if plane.ndim and plane.shape != value.shape:
+            raise ValueError(f"background must be a number or [H, W] = {value.shape}, got shape {plane.shape}")
+    else:
+        plane = np.float64(background)
+    return np.where(value > plane, class_id, 0).astype(np.uint8)
+
+
+class CamThresholdSweep:
+    """Confusion matrices of :func:`cam_label` for many background thresholds in one pass (SPEC §5.3).
+
+    At threshold t a pixel with max CAM value v (float64, :func:`max_and_class`) is its argmax class when v > t, else
+    background — the rule of :func:`cam_label`. Each pixel falls in bin b = #{thresholds < v} (``np.searchsorted``,
+    side left) of the sorted thresholds, so it is foreground exactly at thresholds 0..b-1. Counting pixels per
+    (gt, argmax class, bin) and taking suffix sums over the bins gives every threshold's confusion matrix exactly.
+
+    Args:
+        num_classes: C, background included.
+        thresholds: background thresholds; stored sorted ascending without duplicates (``self.thresholds``), and
+            every per-threshold output follows that order.
+        ignore_index: ground-truth value whose pixels are skipped (``data.ignore_index``).
+    """
+
+    def __init__(self, num_classes: int, thresholds: Sequence[float], ignore_index: int = 255) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + a class), got {num_classes}")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index {ignore_index} collides with a class id (0..{num_classes - 1})")
+        thresholds_np = np.unique(np.asarray(list(thresholds), dtype=np.float64))
+        if thresholds_np.size == 0 or not np.isfinite(thresholds_np).all():
+            raise ValueError(f"thresholds must be a non-empty list of finite numbers, got {list(thresholds)}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.thresholds = thresholds_np
+        # counts[g, c, b]: pixels with ground truth g, argmax class c and bin b (b = 0..T).
+        self.counts = np.zeros((num_classes, num_classes, thresholds_np.size + 1), dtype=np.int64)
+
+    def update(self, cams: ArrayLike, classes: ArrayLike, gt: ArrayLike) -> None:
+        """Accumulate one image.
+
+        Args:
+            cams: float [K, H, W] CAMs of the present classes only (K may be 0), numpy or torch.
+            classes: int [K] their class ids (1..C_fg).
+            gt: int [H, W] ground truth (0..C-1 or ignore_index).
+        """
+        gt_np = as_labels(gt, "gt")
+        if gt_np.ndim != 2:
+            raise ValueError(f"gt must be [H, W], got shape {gt_np.shape}")
+        value, class_id = max_and_class(cams, classes)
+        if value.shape != gt_np.shape:
+            raise ValueError(f"cams are [K, {value.shape[0]}, {value.shape[1]}] but gt is {gt_np.shape} ([H, W])")
+        check_range(class_id, self.num_classes, "classes")
+        valid = gt_np != self.ignore_index
+        gt_valid = gt_np[valid]
+        check_range(gt_valid, self.num_classes, f"gt (besides ignore_index {self.ignore_index})")
+        bins = np.searchsorted(self.thresholds, value[valid], side="left")
+        num_bins = self.counts.shape[2]
+        flat = (gt_valid * self.num_classes + class_id[valid]) * num_bins + bins
+        self.counts += np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
+
+    def merge(self, other: CamThresholdSweep) -> CamThresholdSweep:
+        """Add another sweep with the same classes and thresholds; returns ``self``."""
+        if other.num_classes != self.num_classes or not np.array_equal(other.thresholds, self.thresholds):
+            raise ValueError("cannot merge sweeps with different num_classes or thresholds")
+        self.counts += other.counts
+        return self
+
+    def all_reduce(self) -> CamThresholdSweep:
+        """Sum the counts over ranks (no-op in one process). Returns ``self``."""
+        self.counts = all_reduce_array(self.counts)
+        return self
+
+    def confusions(self) -> np.ndarray:
+        """int64 [T, C, C]: the confusion matrix at each (sorted) threshold."""
+        # suffix[g, c, i] = pixels in bins >= i; at threshold i the foreground pixels are those in bins > i.
+        suffix = np.cumsum(self.counts[:, :, ::-1], axis=2)[:, :, ::-1]
+        foreground = suffix[:, :, 1:].transpose(2, 0, 1).copy()  # [T, C, C]
+        row_total = self.counts.sum(axis=(1, 2))  # [C] ground-truth pixels per class
+        # Column 0 only ever holds K = 0 pixels (bin 0, never foreground); everything not foreground is background.
+        foreground[:, :, 0] = 0
+        foreground[:, :, 0] = row_total[None, :] - foreground.sum(axis=2)
+        return foreground
+
+    def results(self) -> list[dict[str, Any]]:
+        """:func:`utils.metrics.compute_metrics` per threshold, each with its ``threshold`` added."""
+        return [
+            {"threshold": float(t), **compute_metrics(matrix)}
+            for t, matrix in zip(self.thresholds, self.confusions(), strict=True)
+        ]
+
+    def best(self) -> tuple[float, dict[str, Any]]:
+        """The threshold with the highest mIoU (the lowest such threshold on ties) and its result."""
+        results = self.results()
+        if results[0]["num_pixels"] == 0:
+            raise ValueError("CamThresholdSweep.best(): no labelled pixels were accumulated")
+        best = max(results, key=lambda r: r["miou"])  # max keeps the first maximum, i.e. the lowest threshold
+        return best["threshold"], best

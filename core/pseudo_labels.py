@@ -1,17 +1,18 @@
-"""Offline pseudo labels from saved CAMs (SPEC §2.5): pure functions shared by tools/make_cam.py,
-tools/make_pseudo_labels.py and the tests.
+"""Offline pseudo labels from saved CAMs (SPEC §2.5): pure functions shared by tools/make_pseudo_labels.py and the
+tests.
 
 Files (docs/design.md, "Run folder"):
 
-- ``RUN/cams/<split>/<id>.npz``: ``classes`` int16 [K] (present class ids 1..C_fg), ``cam`` / ``cam_aux`` float16
-  [K, H, W] — read with :func:`load_cams`;
+- ``RUN/cams/<split>/<id>.npz``: the CAMs of the present classes, read with :func:`core.camfile.read_cams`;
 - ``RUN/pseudo_labels/<split>/soft/<id>.npz``: ``classes`` int16 [K+1] (0 = background first, then the present ids),
   ``prob`` [K+1, H, W] uint8 (``round(p·255)``) or float16 — written from :func:`soft_label`, expanded back to all C
   classes with :func:`load_soft_label`.
 
-Labels are built from *score stacks*: a constant background plane prepended to the present classes' CAMs,
-``[K+1, H, W]`` with channel 0 = background and channel k = ``classes[k-1]``. The arg-max of a stack picks the first
-of equal maxima, so background wins ties, as in :func:`utils.metrics.cam_to_label`.
+Probabilities come from *score stacks*: a constant background plane prepended to the present classes' CAMs,
+``[K+1, H, W]`` with channel 0 = background and channel k = ``classes[k-1]``. Every hard label is made by
+:func:`core.labels.cam_label` (background wins ties): from the raw CAMs and a threshold when nothing is refined, from
+a stack's class channels and its background channel when PAR / DenseCRF refined the probabilities (:func:`hard_label`).
+:func:`pseudo_label` is the whole recipe for one image; the tool runs the same steps, streaming DenseCRF.
 """
 
 from __future__ import annotations
@@ -25,58 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.labels import cam_label
 from utils.crf import dense_crf
 from utils.io import load_npz
 
-IGNORE_INDEX = 255
 SOFT_DTYPES = ("uint8", "float16")
 # uint8 soft labels store round(p · 255); loading divides by the same number.
 _UINT8_SCALE = 255.0
+# uint8 RGB -> [0, 1]
+_RGB_SCALE = 255.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Reading saved CAMs
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def load_cams(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read one CAM file written by ``tools.make_cam``.
-
-    Args:
-        path: ``RUN/cams/<split>/<id>.npz``.
-
-    Returns:
-        (classes int64 [K] in 1..254, cam float32 [K, H, W], cam_aux float32 [K, H, W]); K may be 0.
-
-    Raises:
-        FileNotFoundError / OSError: the file is missing or not a readable ``.npz``.
-        ValueError: a key is missing or the arrays disagree in shape or hold invalid values; the message names the file.
-    """
-    data = load_npz(path)
-    missing = [key for key in ("classes", "cam", "cam_aux") if key not in data]
-    if missing:
-        raise ValueError(
-            f"CAM file {path} lacks key(s) {missing}; expected classes [K], cam [K, H, W], cam_aux [K, H, W] "
-            "(written by tools.make_cam)"
-        )
-    classes, cam, cam_aux = data["classes"], data["cam"], data["cam_aux"]
-    if classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer):
-        raise ValueError(f"CAM file {path}: classes must be an integer [K] array, got {classes.dtype} {classes.shape}")
-    k = classes.shape[0]
-    for name, maps in (("cam", cam), ("cam_aux", cam_aux)):
-        if maps.ndim != 3 or maps.shape[0] != k or not np.issubdtype(maps.dtype, np.floating):
-            raise ValueError(
-                f"CAM file {path}: {name} must be a float [K={k}, H, W] array, got {maps.dtype} {maps.shape}"
-            )
-    if cam.shape != cam_aux.shape:
-        raise ValueError(f"CAM file {path}: cam {cam.shape} and cam_aux {cam_aux.shape} differ in shape")
-    if k and (classes.min() < 1 or classes.max() >= IGNORE_INDEX or len(np.unique(classes)) != k):
-        raise ValueError(f"CAM file {path}: classes must be distinct foreground ids in 1..254, got {classes.tolist()}")
-    return classes.astype(np.int64), cam.astype(np.float32), cam_aux.astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Score stacks, refinement, labels
+# Score stacks and refinement
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -108,6 +70,11 @@ def score_stacks(cam: Tensor | np.ndarray, thresholds: Sequence[float]) -> Tenso
     return torch.cat([background, cam[None].expand(len(planes), -1, -1, -1)], dim=1)
 
 
+def rgb01(image: np.ndarray, device: torch.device) -> Tensor:
+    """uint8 RGB [H, W, 3] -> float32 [3, H, W] in [0, 1] on ``device`` (PAR's input)."""
+    return torch.from_numpy(image).to(device).permute(2, 0, 1).float() / _RGB_SCALE
+
+
 def stack_probabilities(
     cam: Tensor | np.ndarray,
     thresholds: Sequence[float],
@@ -124,7 +91,7 @@ def stack_probabilities(
     Args:
         cam: [K, H, W] CAMs of the present classes.
         thresholds: one background plane per stack.
-        image01: RGB image in [0, 1], [3, H, W]; required with ``par``.
+        image01: RGB image in [0, 1], [3, H, W] (:func:`rgb01`); required with ``par``.
         par: a :class:`models.par.PAR`, or None.
 
     Returns:
@@ -143,66 +110,6 @@ def stack_probabilities(
     refined = par(image_small, small.reshape(1, num_stacks * channels, *half))
     refined = F.interpolate(refined.float(), size=(height, width), mode="bilinear", align_corners=False)
     return refined.reshape(num_stacks, channels, height, width)
-
-
-def argmax_label(scores: Tensor | np.ndarray, classes: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Hard label of one stack: arg-max over [background, classes...]; background wins ties.
-
-    Args:
-        scores: [K+1, H, W] (raw score stack or probabilities), channel 0 = background.
-        classes: the K class ids of channels 1..K.
-
-    Returns:
-        uint8 [H, W] class ids (0 = background).
-    """
-    scores = _as_tensor(scores)
-    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
-    if scores.dim() != 3 or scores.shape[0] != len(classes) + 1:
-        raise ValueError(f"argmax_label: scores must be [K+1={len(classes) + 1}, H, W], got {tuple(scores.shape)}")
-    # torch.argmax returns the first maximal index, so channel 0 (background) wins every tie.
-    index = scores.argmax(dim=0).cpu().numpy()
-    lookup = np.concatenate([[0], classes]).astype(np.uint8)
-    return lookup[index]
-
-
-def dual_label(label_h: np.ndarray, label_l: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """SPEC §2.4 ignore band: label_h where it is foreground, 0 where both are background, ``ignore_index`` else.
-
-    Args:
-        label_h: [H, W] label of the stack with its background plane at ``high_thre``.
-        label_l: [H, W] label of the stack with its background plane at ``low_thre``.
-
-    Returns:
-        uint8 [H, W].
-    """
-    if label_h.shape != label_l.shape:
-        raise ValueError(f"dual_label: label_h {label_h.shape} and label_l {label_l.shape} differ in shape")
-    out = np.full(label_h.shape, ignore_index, dtype=np.uint8)
-    out[(label_h == 0) & (label_l == 0)] = 0
-    return np.where(label_h > 0, label_h, out).astype(np.uint8)
-
-
-def label_thresholds(bkg_thre: float, high: float, low: float, dual: bool) -> tuple[float, ...]:
-    """Background planes of the hard label: (high, low) for the dual band, else (bkg_thre,)."""
-    return (float(high), float(low)) if dual else (float(bkg_thre),)
-
-
-def labels_from_stacks(stacks: Tensor | np.ndarray, classes: Sequence[int] | np.ndarray, dual: bool) -> np.ndarray:
-    """Hard label from the stacks of :func:`label_thresholds` (raw scores or probabilities).
-
-    Args:
-        stacks: [S, K+1, H, W] with S = 2 (high, low) when ``dual``, else S ≥ 1 (only the first is used).
-        classes: the K present class ids.
-        dual: apply the ignore band of :func:`dual_label`.
-
-    Returns:
-        uint8 [H, W] in {0} ∪ classes (∪ {255} when dual).
-    """
-    if dual:
-        if len(stacks) < 2:
-            raise ValueError(f"labels_from_stacks: dual needs 2 stacks (high, low), got {len(stacks)}")
-        return dual_label(argmax_label(stacks[0], classes), argmax_label(stacks[1], classes))
-    return argmax_label(stacks[0], classes)
 
 
 def crf_refine(probs: Tensor | np.ndarray, image: np.ndarray, crf_params: Mapping[str, Any]) -> np.ndarray:
@@ -229,7 +136,70 @@ def check_image(image: np.ndarray, size: tuple[int, int], where: str) -> None:
         raise ValueError(f"{where}: image is {image.shape[0]}×{image.shape[1]} but its CAMs are {size[0]}×{size[1]}")
 
 
-def cams_to_label(
+# ----------------------------------------------------------------------------------------------------------------------
+# Hard labels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def label_thresholds(bkg_thre: float, high: float, low: float, dual: bool) -> tuple[float, ...]:
+    """Background planes of the hard label: (high, low) for the dual band, else (bkg_thre,)."""
+    return (float(high), float(low)) if dual else (float(bkg_thre),)
+
+
+def dual_label(label_h: np.ndarray, label_l: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """SPEC §2.4 ignore band: label_h where it is foreground, 0 where both are background, ``ignore_index`` else.
+
+    Args:
+        label_h: [H, W] label of the stack with its background plane at ``high_thre``.
+        label_l: [H, W] label of the stack with its background plane at ``low_thre``.
+        ignore_index: the label of the band (``data.ignore_index``).
+
+    Returns:
+        uint8 [H, W].
+    """
+    if label_h.shape != label_l.shape:
+        raise ValueError(f"dual_label: label_h {label_h.shape} and label_l {label_l.shape} differ in shape")
+    out = np.full(label_h.shape, ignore_index, dtype=np.uint8)
+    out[(label_h == 0) & (label_l == 0)] = 0
+    return np.where(label_h > 0, label_h, out).astype(np.uint8)
+
+
+def hard_label(
+    cam: Tensor | np.ndarray,
+    classes: Sequence[int] | np.ndarray,
+    thresholds: Sequence[float],
+    dual: bool,
+    probs: Tensor | np.ndarray | None = None,
+    ignore_index: int = 255,
+) -> np.ndarray:
+    """Hard pseudo label of one image, each stack labelled by :func:`core.labels.cam_label`.
+
+    Args:
+        cam: [K, H, W] CAMs of the present classes; labelled at each threshold when ``probs`` is None.
+        classes: the K present class ids.
+        thresholds: the planes of :func:`label_thresholds` first ((high, low) when ``dual``, else (bkg_thre,));
+            further entries are not used.
+        dual: apply the ignore band of :func:`dual_label`.
+        probs: [S, K+1, H, W] probabilities of the stacks at ``thresholds`` (refined by PAR / DenseCRF; channel 0 =
+            background), or None for the raw CAMs.
+        ignore_index: the label of the dual band (``data.ignore_index``).
+
+    Returns:
+        uint8 [H, W] in {0} ∪ classes (∪ {ignore_index} when dual).
+    """
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    count = 2 if dual else 1
+    stacks = len(thresholds) if probs is None else len(probs)
+    if stacks < count:
+        raise ValueError(f"hard_label: {'dual needs 2 stacks (high, low)' if dual else 'needs 1 stack'}, got {stacks}")
+    if probs is None:
+        labels = [cam_label(cam, classes, float(t), ignore_index) for t in thresholds[:count]]
+    else:
+        labels = [cam_label(stack[1:], classes, stack[0], ignore_index) for stack in probs[:count]]
+    return dual_label(labels[0], labels[1], ignore_index) if dual else labels[0]
+
+
+def pseudo_label(
     cam: Tensor | np.ndarray,
     classes: Sequence[int] | np.ndarray,
     image: np.ndarray | None = None,
@@ -239,13 +209,13 @@ def cams_to_label(
     dual: bool = False,
     par: torch.nn.Module | None = None,
     crf_params: Mapping[str, Any] | None = None,
+    ignore_index: int = 255,
 ) -> np.ndarray:
-    """Hard pseudo label of one image from its class-masked CAMs (SPEC §2.5).
+    """Hard pseudo label of one image from its class-masked CAMs (SPEC §2.5): the recipe of the tool, in one call.
 
-    Without refinement the arg-max runs on the raw stacks (identical to :func:`utils.metrics.cam_to_label` for one
-    threshold). With ``par`` and/or ``crf_params`` it runs on the softmax probabilities of
-    :func:`stack_probabilities`, refined by PAR, then by DenseCRF. Images without a present class (K = 0) are all
-    background.
+    Without refinement :func:`hard_label` labels the raw CAMs at each plane (as CAM evaluation does for one
+    threshold). With ``par`` and/or ``crf_params`` it labels the softmax probabilities of :func:`stack_probabilities`,
+    refined by PAR, then by DenseCRF. Images without a present class (K = 0) are all background.
 
     Args:
         cam: [K, H, W] CAMs of the present classes, in [0, 1].
@@ -257,24 +227,24 @@ def cams_to_label(
         dual: use the ignore band of §2.4 instead of a single threshold.
         par: a :class:`models.par.PAR`, or None.
         crf_params: ``dense_crf`` keyword arguments, or None for no CRF.
+        ignore_index: the label of the dual band (``data.ignore_index``).
 
     Returns:
-        uint8 [H, W]: 0 background, class ids, 255 ignore (dual only).
+        uint8 [H, W]: 0 background, class ids, ``ignore_index`` (dual only).
     """
     classes = np.asarray(classes, dtype=np.int64).reshape(-1)
     cam_t = _as_tensor(cam)
     _check_cam(cam_t, classes)
     thresholds = label_thresholds(bkg_thre, high, low, dual)
-    if (par is None and crf_params is None) or len(classes) == 0:
-        return labels_from_stacks(score_stacks(cam_t, thresholds), classes, dual)
-    if image is None:
-        raise ValueError("cams_to_label: PAR / CRF refinement needs the image (uint8 [H, W, 3])")
-    check_image(image, tuple(cam_t.shape[-2:]), "cams_to_label")
-    image01 = torch.from_numpy(image).to(cam_t.device).permute(2, 0, 1).float() / 255.0
-    probs = stack_probabilities(cam_t, thresholds, image01, par)
-    if crf_params is not None:
-        probs = crf_refine(probs, image, crf_params)
-    return labels_from_stacks(probs, classes, dual)
+    probs: Tensor | np.ndarray | None = None
+    if (par is not None or crf_params is not None) and len(classes):
+        if image is None:
+            raise ValueError("pseudo_label: PAR / CRF refinement needs the image (uint8 [H, W, 3])")
+        check_image(image, tuple(cam_t.shape[-2:]), "pseudo_label")
+        probs = stack_probabilities(cam_t, thresholds, rgb01(image, cam_t.device), par)
+        if crf_params is not None:
+            probs = crf_refine(probs, image, crf_params)
+    return hard_label(cam_t, classes, thresholds, dual, probs, ignore_index)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -334,8 +304,3 @@ def load_soft_label(path: str | Path, num_classes: int) -> np.ndarray:
     out = np.zeros((num_classes, *prob.shape[1:]), dtype=np.float32)
     out[classes] = values
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Output folders made with one set of settings
-# ----------------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ generator draw sequence fully determines a view.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from core.cam import check_4d, resize_bilinear, round_to_patch
+from core.cam import box_mask, check_4d, resize_bilinear, round_to_patch
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -81,6 +82,23 @@ class PhotometricAugment:
             raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images01.shape)}")
         views, flips = zip(*(self._one(image, generator) for image in images01.float()), strict=True)
         return torch.stack(views), torch.tensor(flips, dtype=torch.bool, device=images01.device)
+
+    @classmethod
+    def from_mapping(cls, node: Mapping, where: str, other_keys: Sequence[str] = ()) -> PhotometricAugment:
+        """The recipe of a ``views.*`` config node; ``other_keys`` are that node's non-photometric keys.
+
+        Raises:
+            ValueError: a key that is neither a field of this recipe nor one of ``other_keys`` (naming ``where``),
+                so a misspelt augmentation key is never silently dropped.
+        """
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(node) - names - set(other_keys))
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; a view takes "
+                f"{', '.join(sorted(names | set(other_keys)))}"
+            )
+        return cls(**{key: value for key, value in node.items() if key in names})
 
 
 def flip_boxes(boxes: torch.Tensor, flipped: torch.Tensor, width: int) -> torch.Tensor:
@@ -276,3 +294,99 @@ def smcm_to_main(view_cams: Mapping[str, Tensor], size: tuple[int, int]) -> Tens
     if len(batches) != 1:
         raise ValueError(f"smcm_to_main: views disagree on the batch size after mapping: {sorted(batches)}")
     return torch.stack(mapped, dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The views of one training step, in one place
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalCrops:
+    """Placement of the CTC local crops (SPEC §4.3): count per image, side in pixels, negative threshold, flip."""
+
+    num_crops: int = 8
+    size: int = 96
+    neg_roi_thre: float = 0.2
+    flip_p: float = 0.5
+
+
+@dataclass(frozen=True)
+class MainView:
+    """The main view of a step and what stays in its frame.
+
+    Attributes:
+        images01: ``[B, 3, S, S]`` in [0, 1], the view every main-view computation sees.
+        box: ``[B, 4]`` ``img_box`` in that view's frame (mirrored where G1 flipped the image).
+        source01: ``[B, 3, S, S]`` the clean crop in the same frame: the source of the local crops.
+    """
+
+    images01: Tensor
+    box: Tensor
+    source01: Tensor
+
+
+@dataclass(frozen=True)
+class TrainViews:
+    """Builds every view of a training step from the loader's crop tensors (SPEC §3, §4.3, §4.4).
+
+    The random draws come from one CPU generator in a fixed order — main view (G1), then for CTC: G1 again when the
+    main view is clean, G2, the local source, the crop placements, the crop flips — so that a step's views are fully
+    determined by the generator state (checkpointed with the run).
+
+    Attributes:
+        g1, g2, local: the photometric recipes of the global views and the local source. The local source is never
+            flipped as a whole (it must stay in the frame of the ROI map); each cut crop is flipped on its own.
+        crops: local-crop placement.
+        main_is_g1: main view = G1 (published) or the clean crop.
+        smcm_scale: side factor of the SMCM rescaled view.
+    """
+
+    g1: PhotometricAugment
+    g2: PhotometricAugment
+    local: PhotometricAugment
+    crops: LocalCrops
+    main_is_g1: bool = True
+    smcm_scale: float = 0.5
+
+    def main(self, crop01: Tensor, box: Tensor, generator: torch.Generator) -> MainView:
+        """The main view of ``crop01 [B, 3, S, S]`` with its ``box [B, 4]`` (G1 or the clean crop)."""
+        if not self.main_is_g1:
+            return MainView(crop01, box, crop01)
+        images01, flipped = self.g1(crop01, generator)
+        source01 = torch.where(flipped[:, None, None, None], crop01.flip(-1), crop01)
+        return MainView(images01, flip_boxes(box, flipped, crop01.shape[-1]), source01)
+
+    def smcm(self, x: Tensor, patch: int) -> dict[str, Tensor]:
+        """The SMCM views of the (normalised) main view, named ``smcm_rot`` / ``smcm_scaled`` / ``smcm_quads``."""
+        return {f"smcm_{name}": view for name, view in smcm_views(x, self.smcm_scale, patch).items()}
+
+    def ctc(
+        self, main: MainView, g2_01: Tensor, cam_aux: Tensor, high: float, low: float, generator: torch.Generator
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The CTC views in [0, 1]: G1 (only when the main view is clean), G2 and the local crops.
+
+        Args:
+            main: the step's main view.
+            g2_01: ``[B, 3, S, S]`` the loader's G2 crop in [0, 1].
+            cam_aux: ``[B, C_fg, S, S]`` class-masked CAM_aux of the main view (the ROI source).
+            high, low: the ROI thresholds (``cam.high_thre`` / ``cam.low_thre``).
+
+        Returns:
+            (views ``{"g1"?, "g2", "local"}``, ``local`` being ``[B·n, 3, size, size]``; negative ``[B, n]`` bool).
+        """
+        views = {}
+        if not self.main_is_g1:
+            views["g1"], _ = self.g1(main.images01, generator)
+        views["g2"], _ = self.g2(g2_01, generator)
+        source, _ = self.local(main.source01, generator)
+        size = tuple(main.images01.shape[-2:])
+        roi = roi_map(cam_aux, high, low)
+        # Centres are drawn where ROI <= 1; marking the zero padding 2 keeps local crops on the image.
+        roi = torch.where(box_mask(main.box, size, size), roi, torch.full_like(roi, 2))
+        tops, negative = place_local_crops(roi, self.crops.num_crops, self.crops.size, self.crops.neg_roi_thre,
+                                           generator)  # fmt: skip
+        crops = cut_crops(source, tops, self.crops.size)
+        flip = torch.rand(crops.shape[0], generator=generator) < self.crops.flip_p
+        views["local"] = torch.where(flip.to(crops.device)[:, None, None, None], crops.flip(-1), crops)
+        return views, negative

@@ -15,6 +15,7 @@ from datasets.base import Layout, SegmentationDataset, collate_eval
 from datasets.coco import COCO_LAYOUT
 from datasets.transforms import TrainTransform
 from datasets.voc import VOC_LAYOUT
+from utils.config import ConfigError
 from utils.dist import barrier, is_main_process
 
 LAYOUTS: dict[str, Layout] = {"voc": VOC_LAYOUT, "coco": COCO_LAYOUT}
@@ -54,7 +55,7 @@ def build_dataset(cfg: DictConfig, split: str, mode: str) -> SegmentationDataset
     """
     data = cfg.data
     if data.name not in LAYOUTS:
-        raise ValueError(f"data.name must be one of {sorted(LAYOUTS)}, got {data.name!r}")
+        raise ConfigError(f"data.name must be one of the dataset layouts {sorted(LAYOUTS)}, got {data.name!r}")
     if OmegaConf.is_missing(data, "root"):
         raise ValueError(f"config key data.root is not set; point it at the {data.name} dataset folder")
     transform = None

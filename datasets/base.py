@@ -36,6 +36,7 @@ from tqdm import tqdm
 from datasets.transforms import TrainTransform, to_chw_tensor
 from utils.dist import is_main_process
 from utils.io import atomic_write_text, probe_image, read_image, read_label_png
+from utils.text import preview
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +47,9 @@ MODES = ("train", "eval")
 CHECK_MODES = ("header", "full")
 # Below this many masks a process pool costs more than it saves.
 PARALLEL_MIN_FILES = 512
-# How many offending ids an error message lists before summarising the rest as a count.
-SHOW_IDS = 5
 
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
-
-
-def preview_ids(ids: Sequence[str]) -> str:
-    shown = ", ".join(ids[:SHOW_IDS])
-    return f"{shown}, ... ({len(ids)} in all)" if len(ids) > SHOW_IDS else shown
 
 
 @dataclass(frozen=True)
@@ -156,10 +150,9 @@ def read_id_list(path: Path) -> list[str]:
             lines.setdefault(name, []).append(number)
     repeated = [(name, numbers) for name, numbers in lines.items() if len(numbers) > 1]
     if repeated:
-        shown = "; ".join(f"{name} (lines {', '.join(map(str, numbers))})" for name, numbers in repeated[:SHOW_IDS])
-        more = f"; ... ({len(repeated)} ids in all)" if len(repeated) > SHOW_IDS else ""
+        shown = preview((f"{name} (lines {', '.join(map(str, numbers))})" for name, numbers in repeated), sep="; ")
         raise ValueError(
-            f"split list {path} lists {len(repeated)} id(s) more than once: {shown}{more}; each id must appear once "
+            f"split list {path} lists {len(repeated)} id(s) more than once: {shown}; each id must appear once "
             "(a repeated image counts twice in mIoU and is drawn twice as often in training)"
         )
     return ids
@@ -202,8 +195,7 @@ def read_label_file(path: Path, num_classes: int, hint: str = "") -> dict[str, l
     bad = sorted({c for classes in labels.values() for c in classes if not 0 < c < num_classes})
     if bad:
         raise ValueError(
-            f"{path} lists class id(s) {bad[:SHOW_IDS]}; expected 1..{num_classes - 1} "
-            f"(data.num_classes = {num_classes})"
+            f"{path} lists class id(s) {preview(bad)}; expected 1..{num_classes - 1} (data.num_classes = {num_classes})"
         )
     return labels
 
@@ -437,7 +429,7 @@ class SegmentationDataset(Dataset):
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} id(s) of split {self.split!r} have no image {self.image_dir}/<id>"
-                f"{self.layout.image_ext}: {preview_ids(missing)}"
+                f"{self.layout.image_ext}: {preview(missing)}"
             )
         return [self.image_dir / f"{i}{self.layout.image_ext}" for i in ids]
 
@@ -466,7 +458,7 @@ class SegmentationDataset(Dataset):
         if unlabelled and self.mode == "train":
             raise FileNotFoundError(
                 f"{len(unlabelled)} training id(s) of split {self.split!r} have {missing_from}, so they have no "
-                f"image label: {preview_ids(unlabelled)}"
+                f"image label: {preview(unlabelled)}"
             )
         if unlabelled:
             logger.warning("%d image(s) of split %s have no label (all-zero label vector)", len(unlabelled), self.split)
@@ -537,7 +529,7 @@ class SegmentationDataset(Dataset):
         if self.mode == "eval" and 0 < len(missing) < len(self.ids):
             raise FileNotFoundError(
                 f"{len(missing)} of {len(self.ids)} images of split {self.split!r} have no mask in "
-                f"{[str(d) for d in self.layout.mask_folders(self.root, self.split)]}: {preview_ids(missing)}"
+                f"{[str(d) for d in self.layout.mask_folders(self.root, self.split)]}: {preview(missing)}"
             )
         return not missing
 

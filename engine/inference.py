@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import normalize
+from core.cam import round_to_patch
 
 FUSIONS = ("sum", "mean", "max")
 RESIZE_MODES = ("long_side", "square")
@@ -16,9 +16,11 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """Mixed precision for forward passes per ``train.precision`` (bf16 | fp16) on CUDA; fp32 everywhere else.
+    """Mixed precision for forward passes: ``precision`` bf16 | fp16 on CUDA; fp32 everywhere else.
 
-    CPU runs stay fp32: bf16 autocast on CPU is slow and the tiny CPU configs gain nothing from it.
+    The callers pass ``train.precision`` (training), ``eval.precision`` (segmentation inference) or the label-CAM
+    precision of ``cam.precision`` (``engine.step.label_cam_precision``). CPU runs stay fp32: bf16 autocast on CPU is
+    slow and the tiny CPU configs gain nothing from it.
     """
     dtype = AUTOCAST_DTYPES.get(str(precision))
     return torch.autocast(
@@ -93,7 +95,8 @@ def predict_seg_logits(
     """Multi-scale (+ flip) segmentation logits at the input resolution.
 
     Args:
-        model: an ``MSFC`` (its ``patch_size`` rounds every scaled size to whole patches).
+        model: an ``MSFC`` (its ``patch_size`` rounds every scaled size to whole patches, half-up:
+            :func:`core.cam.round_to_patch`, as the multi-scale CAMs).
         images: ``[B, 3, H, W]`` uint8 or float in [0, 1].
         scales: resize factors, applied after ``resize``.
         flip: also run each scale's horizontal flip (one batch with the original).
@@ -108,11 +111,11 @@ def predict_seg_logits(
     """
     height, width = images.shape[-2:]
     # Normalise once, then resize: bilinear resizing commutes with the per-channel affine normalisation.
-    base = resize_for_inference(normalize(images), resize, resize_mode)
+    base = resize_for_inference(model.normalize(images), resize, resize_mode)
     patch = model.patch_size
     per_scale = []
     for scale in scales:
-        size = [max(patch, round(side * scale / patch) * patch) for side in base.shape[-2:]]
+        size = [round_to_patch(side * scale, patch) for side in base.shape[-2:]]
         x = F.interpolate(base, size=size, mode="bilinear", align_corners=False)
         batch = torch.cat([x, x.flip(-1)]) if flip else x
         logits = model(batch, with_seg=True).seg_logits.float()

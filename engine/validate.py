@@ -10,12 +10,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from core import cam as camlib
+from core.labels import cam_label
 from datasets import collate_eval
 from engine.inference import predict_seg_logits
-from models import normalize
 from utils import dist
 from utils.checkpoint import unwrap
-from utils.metrics import ConfusionMatrix, cam_to_label
+from utils.metrics import ConfusionMatrix
 from utils.visualize import cam_heatmap, overlay, side_by_side
 
 
@@ -25,16 +25,18 @@ def validate(
 ) -> tuple[dict[str, float], list[np.ndarray]]:
     """CAM, aux-CAM and segmentation mIoU on ``dataset`` (eval mode), sharded over ranks (SPEC §5.3).
 
-    CAMs are the multi-scale CAMs (§2.1) masked by the image labels, thresholded at ``cam.bkg_thre``; segmentation
-    uses ``eval.*`` (scales, flip, fusion, resize). Confusion matrices are all-reduced, so every rank returns the
-    same numbers. Also returns up to ``train.num_vis`` overlays (image | CAM | CAM label | prediction | ground
-    truth) from rank 0's first images.
+    CAMs are the multi-scale CAMs (§2.1) masked by the image labels, labelled at ``cam.bkg_thre`` by
+    :func:`core.labels.cam_label` (the rule of ``tools.evaluate --source cams``); segmentation uses ``eval.*``
+    (scales, flip, fusion, resize). Both run in fp32: validation opens no autocast, so neither ``cam.precision``
+    nor ``eval.precision`` applies here. Confusion matrices are all-reduced, so every rank returns the same numbers.
+    Also returns up to ``train.num_vis`` overlays (image | CAM | CAM label | prediction | ground truth) from rank
+    0's first images.
     """
     bare = unwrap(model)
     was_training = bare.training
     bare.eval()
-    num_classes = int(cfg.data.num_classes)
-    matrices = {name: ConfusionMatrix(num_classes, int(cfg.data.ignore_index)) for name in ("cam", "cam_aux", "seg")}
+    num_classes, ignore_index = int(cfg.data.num_classes), int(cfg.data.ignore_index)
+    matrices = {name: ConfusionMatrix(num_classes, ignore_index) for name in ("cam", "cam_aux", "seg")}
     indices = dist.shard(range(len(dataset)))
     loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=int(cfg.data.num_workers),
                         collate_fn=collate_eval)  # fmt: skip
@@ -44,12 +46,12 @@ def validate(
         image = item["img"][0].to(device)[None]  # [1, 3, H, W] uint8
         gt = item["mask"][0].numpy()
         present = torch.nonzero(item["label"][0]).flatten()
-        cam, cam_aux = camlib.multiscale_cam(bare, normalize(image), tuple(cfg.cam.scales), int(cfg.cam.max_batch))
+        cam, cam_aux = camlib.multiscale_cam(bare, bare.normalize(image), tuple(cfg.cam.scales), int(cfg.cam.max_batch))
         shape = tuple(gt.shape)
         labels = {}
         for name, maps in (("cam", cam), ("cam_aux", cam_aux)):
             kept = maps[0, present.to(device)].float().cpu().numpy()
-            labels[name] = cam_to_label(kept, (present + 1).numpy(), float(cfg.cam.bkg_thre), shape)
+            labels[name] = cam_label(kept, (present + 1).numpy(), float(cfg.cam.bkg_thre), ignore_index)
             matrices[name].update(labels[name], gt)
         logits = predict_seg_logits(bare, image, tuple(ev.scales), bool(ev.flip), ev.flip_fusion, ev.scale_fusion,
                                     ev.resize, resize_mode=str(ev.resize_mode))  # fmt: skip

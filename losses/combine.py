@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -12,7 +14,12 @@ TERMS = ("cls", "cls_aux", "ptc", "ctc", "smc", "mem", "seg", "reg")
 
 
 def term_weight(
-    name: str, weights: Mapping[str, float], start_iters: Mapping[str, int], ramps: Mapping[str, int], step: int
+    name: str,
+    weights: Mapping[str, float],
+    start_iters: Mapping[str, int],
+    ramps: Mapping[str, int],
+    step: int,
+    known: Sequence[str] = TERMS,
 ) -> float:
     """The weight of one term at `step` (0-based optimiser step).
 
@@ -22,7 +29,7 @@ def term_weight(
     one missing from `start_iters` / `ramps` starts at 0 / has no ramp.
 
     Args:
-        name: one of `TERMS`.
+        name: one of `known` (default `TERMS`).
         weights: term → weight ≥ 0 (e.g. `cfg.loss.weight`).
         start_iters: term → first iteration ≥ 0 (e.g. `cfg.loss.start_iter`).
         ramps: term → ramp length ≥ 0 in iterations, 0 = none (e.g. `cfg.loss.ramp_iters`).
@@ -31,7 +38,7 @@ def term_weight(
     Returns:
         The weight as a Python float.
     """
-    _check_name(name, "term")
+    _check_name(name, "term", known)
     weight = float(weights.get(name, 0.0))
     start = int(start_iters.get(name, 0))
     ramp = int(ramps.get(name, 0))
@@ -47,16 +54,20 @@ def term_weight(
 
 
 def active_terms(
-    weights: Mapping[str, float], start_iters: Mapping[str, int], ramps: Mapping[str, int], step: int
+    weights: Mapping[str, float],
+    start_iters: Mapping[str, int],
+    ramps: Mapping[str, int],
+    step: int,
+    known: Sequence[str] = TERMS,
 ) -> list[str]:
-    """The terms to compute at `step`: those whose weight (`term_weight`) is > 0, in `TERMS` order.
+    """The terms to compute at `step`: those whose weight (`term_weight`) is > 0, in `known` (`TERMS`) order.
 
     A key of any mapping that is not a term name is an error (it is most likely a typo in the config).
     """
     for label, mapping in (("loss.weight", weights), ("loss.start_iter", start_iters), ("loss.ramp_iters", ramps)):
         for key in mapping:
-            _check_name(str(key), f"{label} key")
-    return [name for name in TERMS if term_weight(name, weights, start_iters, ramps, step) > 0]
+            _check_name(str(key), f"{label} key", known)
+    return [name for name in known if term_weight(name, weights, start_iters, ramps, step, known) > 0]
 
 
 def combine(
@@ -65,6 +76,7 @@ def combine(
     start_iters: Mapping[str, int],
     ramps: Mapping[str, int],
     step: int,
+    known: Sequence[str] = TERMS,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the computed terms, checked for NaN/Inf once.
 
@@ -85,10 +97,10 @@ def combine(
         raise ValueError(f"combine: no loss terms given at step {step}")
     names = list(terms)
     for name in names:
-        _check_name(name, "loss term")
+        _check_name(name, "loss term", known)
         if terms[name].numel() != 1:
             raise ValueError(f"combine: term '{name}' must be a scalar tensor, got shape {tuple(terms[name].shape)}")
-    factors = {name: term_weight(name, weights, start_iters, ramps, step) for name in names}
+    factors = {name: term_weight(name, weights, start_iters, ramps, step, known) for name in names}
     inactive = [name for name in names if factors[name] == 0]
     if inactive:
         raise ValueError(
@@ -110,6 +122,37 @@ def combine(
     return total, logs
 
 
-def _check_name(name: str, what: str) -> None:
-    if name not in TERMS:
-        raise ValueError(f"unknown {what} '{name}'; expected one of {list(TERMS)}")
+def _check_name(name: str, what: str, known: Sequence[str]) -> None:
+    if name not in known:
+        raise ValueError(f"unknown {what} '{name}'; expected one of {list(known)}")
+
+
+@dataclass(frozen=True)
+class TermSchedule:
+    """The loss terms' weights, start iterations and ramps (``loss.weight`` / ``start_iter`` / ``ramp_iters``).
+
+    ``terms`` lists the known term names in logging order: `TERMS` for MSFC; a step with a term of its own passes
+    ``(*TERMS, "mine")`` (docs/design.md, "How to extend").
+    """
+
+    weights: Mapping[str, float]
+    start_iters: Mapping[str, int]
+    ramps: Mapping[str, int]
+    terms: tuple[str, ...] = TERMS
+
+    @classmethod
+    def from_config(cls, loss: Mapping[str, Any], terms: Sequence[str] = TERMS) -> TermSchedule:
+        """From the ``loss`` config node (its ``weight``, ``start_iter`` and ``ramp_iters`` mappings)."""
+        plain = {key: {str(k): v for k, v in loss[key].items()} for key in ("weight", "start_iter", "ramp_iters")}
+        schedule = cls(plain["weight"], plain["start_iter"], plain["ramp_iters"], tuple(terms))
+        schedule.active(0)  # an unknown term name in any of the three mappings is an error now, not at step 0
+        return schedule
+
+    def weight(self, name: str, step: int) -> float:
+        return term_weight(name, self.weights, self.start_iters, self.ramps, step, self.terms)
+
+    def active(self, step: int) -> list[str]:
+        return active_terms(self.weights, self.start_iters, self.ramps, step, self.terms)
+
+    def combine(self, terms: Mapping[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return combine(terms, self.weights, self.start_iters, self.ramps, step, self.terms)

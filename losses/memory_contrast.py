@@ -21,7 +21,8 @@ class MemoryContrast(nn.Module):
     """MP2M loss (SPEC §4.5): the PTC loss (§4.2) on the final tokens with pair labels from the bank similarity.
 
     Token labels come from the similarity map S exactly as §2.3 (`core.labels.token_labels` with the high / low
-    thresholds), pairs from `core.labels.pair_labels`. S carries no gradient; the tokens do. The caller multiplies
+    thresholds), pairs from `core.labels.pair_labels`; an image whose S is zero everywhere (none of its classes is in
+    the bank yet) contributes no pair. S carries no gradient; the tokens do. The caller multiplies
     the result by `adaptive_memory_weight(...)` and only computes it once some bank class is initialised.
 
     forward(tokens [B, D, h, w], similarity [B, C_fg, h, w], img_box [B, 4], image_size (H, W)) -> scalar
@@ -76,6 +77,10 @@ class MemoryContrast(nn.Module):
                 f"{tuple(tokens.shape)}"
             )
         with torch.no_grad():
+            # An image none of whose present classes is in the bank has S = 0 everywhere, which §2.3 would read as
+            # "all background" and pull all its tokens together; an empty box makes all its tokens ignored instead.
+            matched = similarity.detach().flatten(1).amax(dim=1) > 0
+            img_box = torch.where(matched[:, None], img_box, torch.zeros_like(img_box))
             labels = token_labels(
                 similarity.detach().float(),
                 img_box,

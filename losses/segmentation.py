@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.text import preview
+
 
 class BalancedCrossEntropy(nn.Module):
     """Background/foreground-balanced cross-entropy (SPEC §4, L_seg).
@@ -57,7 +59,7 @@ class BalancedCrossEntropy(nn.Module):
         if bool(bad.any()):
             raise ValueError(
                 f"BalancedCrossEntropy: target values must lie in 0..{num_classes - 1} or be {self.ignore_index}, "
-                f"got {torch.unique(target[bad])[:10].tolist()}"
+                f"got {preview(torch.unique(target[bad]).tolist(), 10)}"
             )
         ce = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="none")  # [B, H, W]
         background = target == 0

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from models.backbone import BackboneOutput, ViTBackbone, denormalize, normalize
+from models.backbone import NORM_STATS, BackboneOutput, ViTBackbone
 from models.memory import MemoryBank, fuse_similarity
 from models.msfc import MSFC, MSFCOutput
 from utils.checkpoint import load_model_state, read_checkpoint, resolve_checkpoint
@@ -18,14 +18,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MSFC",
+    "NORM_STATS",
     "BackboneOutput",
     "MSFCOutput",
     "MemoryBank",
     "ViTBackbone",
     "build_model",
-    "denormalize",
     "fuse_similarity",
-    "normalize",
 ]
 
 
@@ -56,6 +55,8 @@ def build_model(cfg: Any) -> MSFC:
         weights=m.weights,
         freeze_pos_embed=bool(m.freeze_pos_embed),
         pos_embed_resample=str(m.pos_embed_resample),
+        # A config saved before the key existed normalised with ImageNet statistics, the default.
+        norm_stats=str(m.get("norm_stats", "imagenet")),
         **dict(kwargs),
     )
     num_classes = int(cfg.data.num_classes)
@@ -64,6 +65,7 @@ def build_model(cfg: Any) -> MSFC:
         dim=backbone.embed_dim,
         momentum=float(mem.momentum),
         min_count=int(mem.min_count),
+        ignore_index=int(cfg.data.ignore_index),
     )
     return MSFC(
         backbone,

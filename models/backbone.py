@@ -1,15 +1,18 @@
 """ViT backbone over timm (SPEC §1.1): dense token maps, an auxiliary block output, and strict weight loading.
 
-This module is also the one place that holds the ImageNet normalisation constants (`normalize` / `denormalize`).
+The backbone owns its input normalisation: `ViTBackbone.normalize` / `denormalize` use the mean/std chosen at
+construction (`norm_stats`: the published ImageNet statistics, or the weights' own from timm's pretrained config).
+`normalize_images` / `denormalize_images` are the pure functions behind them, with the statistics passed explicitly.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import types
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +24,20 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from utils.errors import InputError
+from utils.text import preview
 
 logger = logging.getLogger(__name__)
 
-# SPEC §1.1: ImageNet statistics for every backbone (DeiT, Google ViT and DINOv2 weights in timm all use them).
+# SPEC §1.1: the published normalisation, ImageNet statistics for every backbone (norm_stats="imagenet"), kept even
+# for orig_in21k_ft_in1k whose own timm config says 0.5 / 0.5.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Where a backbone's mean/std come from (model.norm_stats): the published ImageNet statistics, or the weights' own
+# from timm's pretrained config of the created model (CLIP weights need theirs).
+NORM_STATS = ("imagenet", "pretrained")
+
+Stats = tuple[float, float, float]
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k_ft_in1k"
 
@@ -38,14 +49,18 @@ POS_EMBED_RESAMPLE = ("bicubic", "timm")
 _HEAD_PREFIXES = ("head.", "head_dist.", "pre_logits.")
 # Wrapper prefixes added by DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_MAX_LISTED_KEYS = 5
 
 
-def _stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats_like(
+    images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mean`, `std` as `[3, 1, 1]` tensors on the device and in the (floating) dtype of `images`.
+
+    Tensors already there (the backbone's buffers) are used as they are: no host-to-device copy, no synchronisation.
+    """
     dtype = images.dtype if images.is_floating_point() else torch.float32
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(3, 1, 1)
-    return mean, std
+    mean_t, std_t = (torch.as_tensor(v, dtype=dtype, device=images.device).reshape(3, 1, 1) for v in (mean, std))
+    return mean_t, std_t
 
 
 def _check_rgb(images: torch.Tensor, name: str) -> None:
@@ -53,11 +68,19 @@ def _check_rgb(images: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected an RGB tensor [..., 3, H, W], got shape {tuple(images.shape)}")
 
 
-def normalize(images: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
-    """ImageNet-normalise RGB images on their own device (SPEC §1.1).
+def normalize_images(
+    images: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    *,
+    check_range: bool = True,
+) -> torch.Tensor:
+    """Normalise RGB images with explicit statistics, on the images' own device (SPEC §1.1).
 
     Args:
         images: `[B, 3, H, W]` (or `[3, H, W]`), either uint8 in 0..255 or floating point in [0, 1].
+        mean: per-channel mean (3 values, RGB), a sequence or a tensor.
+        std: per-channel std (3 values, RGB).
         check_range: for float input, verify max <= 1 (a host-device synchronisation); the training step passes
             False for views it built itself in [0, 1].
 
@@ -75,15 +98,60 @@ def normalize(images: torch.Tensor, *, check_range: bool = True) -> torch.Tensor
             f"normalize(images): float input must be in [0, 1], got max {float(images.max()):.3g}; "
             "pass uint8 images or divide by 255 first"
         )
-    mean, std = _stats(images)
-    return (images - mean) / std
+    mean_t, std_t = _stats_like(images, mean, std)
+    return (images - mean_t) / std_t
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Invert `normalize`: `[B, 3, H, W]` normalised -> RGB in [0, 1] (clamped), e.g. for PAR (SPEC §1.3)."""
+def denormalize_images(
+    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """Invert `normalize_images`: `[B, 3, H, W]` normalised -> RGB in [0, 1] (clamped), e.g. for PAR (SPEC §1.3)."""
     _check_rgb(x, "denormalize(x)")
-    mean, std = _stats(x)
-    return (x * std + mean).clamp_(0.0, 1.0)
+    mean_t, std_t = _stats_like(x, mean, std)
+    return (x * std_t + mean_t).clamp_(0.0, 1.0)
+
+
+def resolve_norm_stats(vit: nn.Module, norm_stats: str, arch: str) -> tuple[Stats, Stats]:
+    """The `(mean, std)` a backbone normalises with (SPEC §1.1).
+
+    Args:
+        vit: the created timm model; its `pretrained_cfg` is read for `norm_stats="pretrained"`.
+        norm_stats: `imagenet` (the published choice, whatever the weights) or `pretrained` (timm's
+            `pretrained_cfg["mean"]` / `["std"]` of the model's name and tag, e.g. OpenAI CLIP statistics).
+        arch: model name, for error messages.
+
+    Raises:
+        InputError: an unknown `norm_stats`, or `pretrained` for a model whose timm config has no usable mean/std.
+    """
+    _check_norm_stats(norm_stats)
+    if norm_stats == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    cfg = getattr(vit, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if not (_is_stats(mean) and _is_stats(std) and min(std) > 0):
+        raise InputError(
+            f"model.norm_stats=pretrained: timm's pretrained config of {arch} has no usable RGB mean/std "
+            f"(mean {mean!r}, std {std!r}); use model.norm_stats=imagenet, or give them through "
+            "model.backbone_kwargs.pretrained_cfg_overlay {mean: [r, g, b], std: [r, g, b]}"
+        )
+    return _as_stats(mean), _as_stats(std)
+
+
+def _check_norm_stats(norm_stats: str) -> None:
+    if norm_stats not in NORM_STATS:
+        raise InputError(f"model.norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
+
+
+def _is_stats(value: Any) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and len(value) == 3
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
+def _as_stats(value: Sequence[float]) -> Stats:
+    return float(value[0]), float(value[1]), float(value[2])
 
 
 @dataclass
@@ -116,12 +184,24 @@ class ViTBackbone(nn.Module):
             `F.interpolate(mode="bicubic", align_corners=False)` and no antialiasing, as the published ViT does;
             `timm` keeps timm's `dynamic_img_size` resampling, which antialiases (the 6×6 / 7×7 grids of local crops,
             quadrants and half-scale CAMs then differ by up to ~25 % RMS).
+        norm_stats: input normalisation (`NORM_STATS`): `imagenet` = ImageNet mean/std whatever the weights (the
+            published choice, SPEC §1.1); `pretrained` = the mean/std of timm's pretrained config for `name` (its tag
+            names the weights, also when they come from `weights`), e.g. OpenAI CLIP statistics for CLIP ViTs.
+            Held as non-persistent buffers: they follow `.to(device)` but are not part of the state dict.
         **timm_kwargs: `timm.create_model` overrides (embed_dim, depth, num_heads, patch_size, img_size, ...).
+
+    Attributes:
+        norm_stats: the `norm_stats` argument.
+        mean: `(r, g, b)` mean that `normalize` subtracts; `std` likewise (plain tuples, as resolved at construction).
 
     Raises:
         FileNotFoundError: `weights` does not exist.
-        ValueError: bad `aux_layer`, an unsupported architecture, or weights that do not fit the architecture.
+        ValueError: bad `aux_layer`, an unsupported architecture, or weights that do not fit the architecture;
+            an unknown `norm_stats`, or `pretrained` for a model whose timm config has no mean/std (`InputError`).
     """
+
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
 
     def __init__(
         self,
@@ -132,6 +212,7 @@ class ViTBackbone(nn.Module):
         weights: str | Path | None = None,
         freeze_pos_embed: bool = True,
         pos_embed_resample: str = "bicubic",
+        norm_stats: str = "imagenet",
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -139,12 +220,18 @@ class ViTBackbone(nn.Module):
             raise ValueError(
                 f"model.pos_embed_resample must be one of {POS_EMBED_RESAMPLE}, got {pos_embed_resample!r}"
             )
+        _check_norm_stats(norm_stats)  # before timm may download anything
         for key in ("num_classes", "dynamic_img_size"):
             if key in timm_kwargs:
                 raise ValueError(f"ViTBackbone: timm keyword {key!r} is fixed by the backbone and cannot be overridden")
         self.name = name
         self.vit = _create_vit(name, pretrained=pretrained and weights is None, **timm_kwargs)
         self._check_architecture()
+        self.norm_stats = norm_stats
+        self.mean, self.std = resolve_norm_stats(self.vit, norm_stats, name)
+        # Non-persistent: checkpoints keep their keys, and normalising needs no host-to-device copy per call.
+        self.register_buffer("pixel_mean", torch.tensor(self.mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.std).view(3, 1, 1), persistent=False)
         if weights is not None:
             load_backbone_weights(self.vit, weights, arch=name)
         depth = len(self.vit.blocks)
@@ -190,14 +277,21 @@ class ViTBackbone(nn.Module):
         return int(self.vit.num_prefix_tokens)
 
     def normalize(self, images: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
-        """This backbone's input normalisation (SPEC §1.1) of RGB images (uint8 or float in [0, 1]); see `normalize`."""
-        return normalize(images, check_range=check_range)
+        """This backbone's input normalisation (SPEC §1.1): RGB images (uint8 or float in [0, 1]) -> `forward` input.
+
+        Uses `mean` / `std` (from `norm_stats`) on the images' device; see `normalize_images` for the arguments.
+        """
+        return normalize_images(images, self.pixel_mean, self.pixel_std, check_range=check_range)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Invert `normalize`: normalised `[B, 3, H, W]` -> RGB in [0, 1] (clamped), e.g. for PAR (SPEC §1.3)."""
+        return denormalize_images(x, self.pixel_mean, self.pixel_std)
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         """Run the ViT on normalised images.
 
         Args:
-            x: `[B, 3, H, W]` normalised images, H and W multiples of the patch size p.
+            x: `[B, 3, H, W]` images normalised by `normalize`, H and W multiples of the patch size p.
 
         Returns:
             `BackboneOutput` with `cls_token [B, D]`, `tokens [B, D, h, w]`, `tokens_aux [B, D, h, w]`,
@@ -382,12 +476,6 @@ def _resample_pos_embed(source: torch.Tensor, target: torch.Tensor, vit: nn.Modu
     return resample_abs_pos_embed(source, new_size=new_size, old_size=[side, side], num_prefix_tokens=num_prefix)
 
 
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
-    more = f", ... ({len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else ""
-    return f"{len(keys)} [{shown}{more}]"
-
-
 def _check_state_dict(state: dict[str, torch.Tensor], vit: nn.Module, path: Path, arch: str) -> None:
     expected = vit.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -400,8 +488,8 @@ def _check_state_dict(state: dict[str, torch.Tensor], vit: nn.Module, path: Path
     if missing or unexpected or mismatched:
         raise InputError(
             f"backbone weights {path} do not match architecture {arch}: "
-            f"missing keys {_listed(missing)}; unexpected keys {_listed(unexpected)}; "
-            f"shape mismatches (file vs model) {_listed(mismatched)}"
+            f"missing keys {len(missing)} [{preview(missing)}]; unexpected keys {len(unexpected)} "
+            f"[{preview(unexpected)}]; shape mismatches (file vs model) {len(mismatched)} [{preview(mismatched)}]"
         )
 
 

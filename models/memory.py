@@ -8,8 +8,6 @@ from torch import nn
 
 from utils.dist import all_reduce_sum
 
-IGNORE_INDEX = 255
-
 
 class MemoryBank(nn.Module):
     """Per-class prototype memory `[C_fg, D]`, identical on every rank, kept in buffers (saved in checkpoints).
@@ -28,6 +26,7 @@ class MemoryBank(nn.Module):
         dim: token dimension D.
         momentum: α in `m_c <- α·m_c + (1-α)·mean` (SPEC §4.5: 0.1).
         min_count: a class is updated only with at least this many image prototypes (SPEC §4.5: 4).
+        ignore_index: the label of ignored tokens in `proto_labels` (`data.ignore_index`).
     """
 
     bank: torch.Tensor
@@ -35,7 +34,9 @@ class MemoryBank(nn.Module):
     acc_sum: torch.Tensor
     acc_count: torch.Tensor
 
-    def __init__(self, num_classes: int, dim: int, momentum: float = 0.1, min_count: int = 4) -> None:
+    def __init__(
+        self, num_classes: int, dim: int, momentum: float = 0.1, min_count: int = 4, ignore_index: int = 255
+    ) -> None:
         super().__init__()
         if num_classes <= 0 or dim <= 0:
             raise ValueError(f"MemoryBank: num_classes and dim must be positive, got {num_classes}, {dim}")
@@ -47,6 +48,7 @@ class MemoryBank(nn.Module):
         self.dim = dim
         self.momentum = float(momentum)
         self.min_count = int(min_count)
+        self.ignore_index = int(ignore_index)
         self.register_buffer("bank", torch.zeros(num_classes, dim))
         self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("acc_sum", torch.zeros(num_classes, dim, dtype=torch.float64))
@@ -65,7 +67,7 @@ class MemoryBank(nn.Module):
 
         Args:
             tokens: `[B, D, h, w]` final tokens (detached here in any case).
-            proto_labels: `[B, h, w]` integer labels: 0 background, 1..C_fg class, 255 ignore.
+            proto_labels: `[B, h, w]` integer labels: 0 background, 1..C_fg class, `ignore_index` ignore.
         """
         b, _, h, w = self._check_tokens(tokens, "accumulate")
         if proto_labels.shape != (b, h, w):
@@ -73,10 +75,10 @@ class MemoryBank(nn.Module):
                 f"MemoryBank.accumulate: proto_labels must be [{b}, {h}, {w}], got {tuple(proto_labels.shape)}"
             )
         labels = proto_labels.long()
-        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels > self.num_classes))
+        bad = (labels != self.ignore_index) & ((labels < 0) | (labels > self.num_classes))
         if bool(bad.any()):
             raise ValueError(
-                f"MemoryBank.accumulate: proto_labels must be 0..{self.num_classes} or {IGNORE_INDEX}, "
+                f"MemoryBank.accumulate: proto_labels must be 0..{self.num_classes} or {self.ignore_index}, "
                 f"got {labels[bad].unique().tolist()}"
             )
         # One-hot over foreground classes [B, C_fg, N]; background and ignore rows fall outside 1..C_fg.

@@ -124,11 +124,15 @@ class MSFC(nn.Module):
         """The backbone's input normalisation: `[B, 3, H, W]` uint8 or float in [0, 1] -> the model's input."""
         return self.backbone.normalize(images, check_range=check_range)
 
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Invert `normalize`: the model's input `[B, 3, H, W]` -> RGB in [0, 1] (clamped), e.g. for PAR."""
+        return self.backbone.denormalize(x)
+
     def forward(self, x: torch.Tensor, with_seg: bool = True) -> MSFCOutput:
         """Encode and classify.
 
         Args:
-            x: `[B, 3, H, W]` normalised images (`models.backbone.normalize`), H and W multiples of p.
+            x: `[B, 3, H, W]` images normalised by `normalize` (the backbone's statistics), H and W multiples of p.
             with_seg: also run the LargeFOV decoder.
 
         Returns:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Module ablations on the demo data at an equal budget: every configs/ablations/*.yaml is trained with the demo
-# recipe; its CAMs are scored (at cam.bkg_thre, plus the sweep: GT-tuned threshold, oracle — not a protocol number)
-# on the protocol's eval.cam_split (SPEC §8) and on the segmentation split (eval.split, null = data.val_split), its
-# segmentation head on the segmentation split without DenseCRF; one markdown table compares them (tools/report.py).
+# recipe (train_run_VOC.sh layers it over configs/voc.yaml); its CAMs are scored (at cam.bkg_thre, plus the sweep:
+# GT-tuned threshold, oracle — not a protocol number) on the protocol's eval.cam_split (SPEC §8) and on the
+# segmentation split (eval.split, null = data.val_split), its segmentation head on the segmentation split without
+# DenseCRF; one markdown table compares them (tools/report.py).
 # Usage: bash scripts/ablate.sh [key=value ...]        (NGPUS processes, default 2; every key=value reaches every stage)
 #        ABLATIONS="full toco baseline" bash scripts/ablate.sh    runs only these configs/ablations/<name>.yaml, in order
 # Output: runs/ablations/<name>/ per ablation and runs/ablations/ablations.md

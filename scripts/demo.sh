@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on built-in data, on CPU: generate the synthetic VOC-layout dataset (unless data.root=DIR is given),
-# train MSFC (configs/demo.yaml), export CAMs, make pseudo labels, segment with and without DenseCRF, evaluate every
-# stage and print a results table — through the same entry points as a real run (train_run_VOC.sh, infer_run_VOC.sh).
+# train MSFC (configs/voc.yaml <- configs/demo.yaml), export CAMs, make pseudo labels, segment with and without
+# DenseCRF, evaluate every stage and print a results table — through the same entry points as a real run
+# (train_run_VOC.sh, infer_run_VOC.sh).
 # Usage: bash scripts/demo.sh [key=value ...]          every key=value reaches every stage
 #   NGPUS (default 2) processes; on a CPU-only machine they are single-threaded gloo processes, one per core.
 set -euo pipefail

@@ -14,9 +14,8 @@ launch="${here}/launch.sh"
 usage() { sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }
 for arg in "$@"; do
     if [[ "${arg}" == -h || "${arg}" == --help ]]; then
-        usage
-        echo
-        exec "${launch}" --help
+        # the launcher prints the callers' headers (an infer_run_*.sh wrapper's, then this one's), then its own
+        MSFC_WRAPPER="${MSFC_WRAPPER:+${MSFC_WRAPPER}:}${BASH_SOURCE[0]}" exec "${launch}" --help
     fi
 done
 if [[ $# -lt 1 || "$1" == *=* ]]; then

@@ -7,9 +7,20 @@
 # ends a failed run with one line naming the failed ranks instead of its own traceback, and with their exit code (2 for
 # a user error, whose one-line message each process prints). Runs from any folder: the repository root goes on
 # PYTHONPATH, and paths given in ARGS stay relative to the folder you run from. `MODULE --help` prints this and the
-# module's own usage.
+# module's own usage, after the headers of the entry points that called this launcher (MSFC_WRAPPER, see below).
 set -euo pipefail
-usage() { sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }
+header() { sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$1"; }
+# MSFC_WRAPPER: the scripts that called this launcher, ':'-separated, outermost first (train_run_VOC.sh sets it to its
+# own path); their headers lead the usage, so each wrapper keeps its --help text in one place. The tools never see it.
+IFS=: read -r -a wrappers <<<"${MSFC_WRAPPER:-}"
+unset MSFC_WRAPPER
+usage() {
+    for wrapper in ${wrappers[@]+"${wrappers[@]}"}; do
+        header "${wrapper}"
+        echo
+    done
+    header "${BASH_SOURCE[0]}"
+}
 if [[ $# -lt 1 ]]; then
     usage >&2
     exit 2

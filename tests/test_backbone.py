@@ -1,4 +1,4 @@
-"""ViTBackbone (SPEC §1.1): dense token shapes, aux tokens, frozen pos_embed, prefix tokens, strict weight loading."""
+"""ViTBackbone (SPEC §1.1): normalisation, dense token shapes, aux tokens, frozen pos_embed, prefix tokens, weights."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from models.backbone import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone, denormalize, normalize
-from utils.errors import UserError
+from models.backbone import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone, normalize_images
+from utils.errors import InputError, UserError
 
 TINY = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8, "img_size": 64}
 TINY_NAME = "vit_tiny_patch16_224"
@@ -40,26 +40,70 @@ def manual_pass(vit: torch.nn.Module, x: torch.Tensor, aux_index: int) -> tuple[
 
 
 def test_normalize_known_values_and_round_trip():
+    bb = tiny_backbone()
     img = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
     img[0, 0, 0, 0] = 255
-    out = normalize(img)
+    out = bb.normalize(img)
     assert out.dtype == torch.float32
     # 255 -> 1.0 -> (1 - 0.485) / 0.229 in the red channel; 0 -> -mean/std elsewhere.
     assert out[0, 0, 0, 0].item() == pytest.approx((1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], rel=1e-6)
     assert out[0, 2, 1, 1].item() == pytest.approx(-IMAGENET_MEAN[2] / IMAGENET_STD[2], rel=1e-6)
-    # uint8 and the equivalent float input agree; denormalize inverts.
+    # uint8 and the equivalent float input agree; denormalize inverts; the pure function with the same stats agrees.
     rnd = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
-    torch.testing.assert_close(normalize(rnd), normalize(rnd.float() / 255))
-    torch.testing.assert_close(denormalize(normalize(rnd)), rnd.float() / 255, atol=1e-6, rtol=0)
+    torch.testing.assert_close(bb.normalize(rnd), bb.normalize(rnd.float() / 255))
+    torch.testing.assert_close(bb.denormalize(bb.normalize(rnd)), rnd.float() / 255, atol=1e-6, rtol=0)
+    torch.testing.assert_close(bb.normalize(rnd), normalize_images(rnd, IMAGENET_MEAN, IMAGENET_STD), rtol=0, atol=0)
+    assert bb.normalize(rnd.double() / 255).dtype == torch.float64
 
 
 def test_normalize_rejects_bad_input():
+    bb = tiny_backbone()
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        normalize(torch.full((1, 3, 2, 2), 200.0))
+        bb.normalize(torch.full((1, 3, 2, 2), 200.0))
     with pytest.raises(ValueError, match="RGB"):
-        normalize(torch.zeros(1, 4, 2, 2, dtype=torch.uint8))
+        bb.normalize(torch.zeros(1, 4, 2, 2, dtype=torch.uint8))
     with pytest.raises(TypeError, match="dtype"):
-        normalize(torch.zeros(1, 3, 2, 2, dtype=torch.int32))
+        bb.normalize(torch.zeros(1, 3, 2, 2, dtype=torch.int32))
+
+
+def test_norm_stats_imagenet_by_default_even_where_timms_config_differs():
+    """SPEC §1.1: the published ImageNet statistics, although timm's config of these weights says 0.5 / 0.5."""
+    assert timm.create_model(TINY_NAME, pretrained=False).pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    default, own = tiny_backbone(), tiny_backbone(norm_stats="pretrained")
+    assert default.norm_stats == "imagenet" and (default.mean, default.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert own.norm_stats == "pretrained" and own.mean == (0.5, 0.5, 0.5) and own.std == (0.5, 0.5, 0.5)
+    white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    torch.testing.assert_close(own.normalize(white), torch.ones(1, 3, 2, 2))
+    torch.testing.assert_close(own.denormalize(-torch.ones(1, 3, 2, 2)), torch.zeros(1, 3, 2, 2))
+
+
+def test_norm_stats_errors_name_the_key():
+    with pytest.raises(InputError, match=r"model\.norm_stats must be one of \('imagenet', 'pretrained'\)"):
+        tiny_backbone(norm_stats="clip")
+    # A model whose timm config carries no mean/std cannot normalise with "its own" statistics.
+    with pytest.raises(InputError, match=r"model\.norm_stats=pretrained: .*vit_tiny_patch16_224 has no usable"):
+        tiny_backbone(norm_stats="pretrained", pretrained_cfg_overlay={"mean": None, "std": None})
+    # timm's own way to give a model statistics is honoured.
+    custom = tiny_backbone(norm_stats="pretrained", pretrained_cfg_overlay={"mean": (0.1, 0.2, 0.3), "std": (1, 2, 3)})
+    assert custom.mean == (0.1, 0.2, 0.3) and custom.std == (1.0, 2.0, 3.0)
+
+
+def test_norm_stats_are_not_checkpoint_state_and_follow_the_device_and_dtype():
+    imagenet, own = tiny_backbone(), tiny_backbone(norm_stats="pretrained")
+    # No new keys: a state dict saved before (or with other statistics) loads strictly, and vice versa.
+    assert set(imagenet.state_dict()) == {f"vit.{k}" for k in imagenet.vit.state_dict()}
+    own.load_state_dict(imagenet.state_dict(), strict=True)
+    imagenet.load_state_dict(own.state_dict(), strict=True)
+    assert own.mean == (0.5, 0.5, 0.5)  # loading weights does not change the statistics
+    assert {n for n, _ in imagenet.named_buffers()} == {"pixel_mean", "pixel_std"}
+    # Buffers move with the module (.to(device) too); the images' dtype decides the result's.
+    imagenet.to(torch.float64)
+    assert (
+        imagenet.pixel_mean.dtype == torch.float64 and imagenet.normalize(torch.rand(1, 3, 2, 2)).dtype == torch.float32
+    )
+    rnd = torch.rand(1, 3, 4, 4, dtype=torch.float64)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    torch.testing.assert_close(imagenet.normalize(rnd), (rnd - mean) / std, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- forward

@@ -10,6 +10,7 @@ from utils.config import (
     RULES,
     ConfigError,
     _schema,
+    backbone_patch,
     config_changes,
     format_changes,
     load_config,
@@ -145,7 +146,8 @@ def test_saved_config_reloads_identically(tmp_path):
     cfg = load_config("configs/coco.yaml", [*REQUIRED, "train.max_iters=123"])
     save_config(cfg, tmp_path)
     again = load_run_config(tmp_path)
-    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    # the saved file is resolved (eval.precision: ${train.precision} is written as its value)
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg, resolve=True)
     moved = load_run_config(tmp_path, ["data.root=/elsewhere"])
     assert moved.data.root == "/elsewhere" and moved.train.max_iters == 123
 
@@ -195,7 +197,7 @@ RULE_CASES = {
         ("train.precision=fp8", r"train.precision must be one of \('fp32', 'bf16', 'fp16'\)"),
         ("eval.flip_fusion=avg", r"eval.flip_fusion must be one of \('sum', 'mean', 'max'\)"),
         ("eval.scale_fusion=min", r"eval.scale_fusion must be one of \('sum', 'mean', 'max'\)"),
-        ("data.name=cityscapes", r"data.name must be one of \('voc', 'coco'\)"),
+        ("data.name=city-scapes", r"data.name must be a dataset layout name"),
     ],
 }
 
@@ -225,8 +227,28 @@ def test_nonsense_values_are_rejected_naming_the_key_and_the_rule(override, expe
         ("configs/voc.yaml", ["data.crop_size=464", "model.backbone_kwargs.patch_size=8"], None),
         # no patch in the name and none given: nothing to check against
         ("configs/voc.yaml", ["data.crop_size=72", "model.backbone=resnet50"], None),
+        # SMCM off: no quadrants, so the crop needs whole patches only (72 = 9 x 8) ...
+        ("configs/smoke.yaml", ["data.crop_size=72", "loss.weight.smc=0"], None),
+        # ... but still whole patches: the main view goes through the ViT
+        ("configs/smoke.yaml", ["data.crop_size=68", "loss.weight.smc=0"],
+         r"^data.crop_size must be a multiple of the patch size 8 \(the main view .*\), got 68; e.g. 64 or 72$"),
+        # CTC off: no local crops, so their size is not checked
+        ("configs/smoke.yaml", ["views.local.size=12", "loss.weight.ctc=0"], None),
+        # DINOv2: patch 14 from the name; 448 = 16 x 28 passes, the default local size 96 does not
+        ("configs/voc.yaml", ["model.backbone=vit_base_patch14_dinov2.lvd142m"],
+         r"^views.local.size must be a multiple of the patch size 14 \(CTC's local crops, on while loss.weight.ctc > 0"
+         r".*patch 14 from model.backbone 'vit_base_patch14_dinov2.lvd142m'\), got 96; e.g. 84 or 98$"),
+        ("configs/voc.yaml", ["model.backbone=vit_base_patch14_dinov2.lvd142m", "views.local.size=98"], None),
+        ("configs/voc.yaml", ["model.backbone=vit_small_patch14_reg4_dinov2.lvd142m", "views.local.size=98",
+                              "data.crop_size=462"],
+         r"^data.crop_size must be a multiple of 2·patch = 28 \(SMCM, on while loss.weight.smc > 0, cuts the crop into"
+         r" 4 quadrants of data.crop_size / 2 px.*patch 14 from model.backbone.*\), got 462; e.g. 448 or 476$"),
+        # DINOv2 patch given as timm's square pair
+        ("configs/smoke.yaml", ["model.backbone_kwargs.patch_size=[14, 14]", "data.crop_size=70"],
+         r"data.crop_size must be a multiple of 2·patch = 28 .*patch 14 from model.backbone_kwargs.patch_size"),
     ],
-    ids=["kwargs_crop", "kwargs_local", "name_crop", "name_local", "kwargs_win", "unknown_patch"],
+    ids=["kwargs_crop", "kwargs_local", "name_crop", "name_local", "kwargs_win", "unknown_patch", "smc_off_crop",
+         "smc_off_main_view", "ctc_off_local", "dinov2_local", "dinov2_ok", "dinov2_crop", "kwargs_pair"],
 )  # fmt: skip
 def test_crop_rule(config, overrides, expected):
     if expected is None:
@@ -236,6 +258,37 @@ def test_crop_rule(config, overrides, expected):
             load_config(config, [*REQUIRED, *overrides])
 
 
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ({"backbone": "vit_base_patch14_dinov2.lvd142m"}, 14),
+        ({"backbone": "vit_small_patch14_reg4_dinov2.lvd142m", "backbone_kwargs": {}}, 14),
+        ({"backbone": "vit_base_patch16_224", "backbone_kwargs": {"patch_size": 14}}, 14),
+        ({"backbone": "vit_base_patch16_224", "backbone_kwargs": {"patch_size": [14, 14]}}, 14),
+        ({"backbone": "vit_base_patch16_224", "backbone_kwargs": {"patch_size": [14, 16]}}, None),
+        ({"backbone": "resnet50"}, None),
+    ],
+)
+def test_backbone_patch_covers_dinov2(model, expected):
+    found = backbone_patch(model)
+    assert (found[0] if found else None) == expected
+
+
+def test_the_smcm_rescaled_view_needs_no_load_check():
+    """The rescaled view's side is rounded to whole patches by the code itself (core/views.py smcm_views), so a scale
+    with a fractional side (64 x 0.7 = 44.8 px) is valid; if the rounding ever goes, check_crop_sizes needs a rule."""
+    import torch
+
+    from core.views import smcm_views
+
+    cfg = load_config("configs/smoke.yaml", [*REQUIRED, "views.smcm.scale=0.7"])
+    patch = cfg.model.backbone_kwargs.patch_size
+    crop = cfg.data.crop_size
+    views = smcm_views(torch.zeros(1, 3, crop, crop), float(cfg.views.smcm.scale), patch)
+    assert views["scaled"].shape[-2:] == (48, 48) and 48 % patch == 0
+    assert views["quads"].shape[-1] == crop // 2
+
+
 def test_every_rule_applies_to_a_schema_key():
     schema = _schema()
     for pattern in RULES:
@@ -243,19 +296,19 @@ def test_every_rule_applies_to_a_schema_key():
 
 
 def test_choices_agree_with_the_modules_that_read_them():
+    from core.camfile import CAM_KEYS
     from core.pseudo_labels import SOFT_DTYPES
-    from datasets import LAYOUTS
     from engine.inference import FUSIONS, RESIZE_MODES
-    from engine.step import CAM_PRECISIONS, MAIN_VIEWS
+    from engine.step import CAM_PRECISIONS, MAIN_VIEWS, PRECISIONS
     from losses.energy import ENERGY_MODES
     from losses.multiview import SMC_REDUCTIONS
-    from models.backbone import POS_EMBED_RESAMPLE
-    from tools.make_pseudo_labels import CAM_KEYS
+    from models.backbone import NORM_STATS, POS_EMBED_RESAMPLE
 
     expected = {"views.main": MAIN_VIEWS, "cam.precision": CAM_PRECISIONS, "loss.reg_mode": ENERGY_MODES,
                 "loss.smc_reduction": SMC_REDUCTIONS, "model.pos_embed_resample": POS_EMBED_RESAMPLE,
+                "model.norm_stats": NORM_STATS, "eval.precision": PRECISIONS,
                 "eval.resize_mode": RESIZE_MODES, "eval.flip_fusion": FUSIONS, "eval.scale_fusion": FUSIONS,
-                "data.name": tuple(LAYOUTS), "pseudo.cam_key": CAM_KEYS, "pseudo.soft_dtype": SOFT_DTYPES}  # fmt: skip
+                "pseudo.cam_key": CAM_KEYS, "pseudo.soft_dtype": SOFT_DTYPES}  # fmt: skip
     for key, choices in expected.items():
         assert rule_for(key).text == f"one of {tuple(choices)}", key
 
@@ -266,6 +319,14 @@ def test_resume_allow_list_names_real_keys_or_sections():
     cfg = load_config("configs/voc.yaml", [*REQUIRED, "train.resume_allow_changes=[loss.weight, train.lr, "
                                                       "model.backbone_kwargs.drop_path_rate]"])  # fmt: skip
     assert list(cfg.train.resume_allow_changes) == ["loss.weight", "train.lr", "model.backbone_kwargs.drop_path_rate"]
+
+
+def test_a_key_added_with_its_old_behaviour_as_default_is_no_change():
+    """A checkpoint saved before model.norm_stats existed resumes: the key's default is what it did then."""
+    saved = {"model": {"pos_embed_resample": "bicubic"}}
+    assert config_changes(saved, {"model": {"pos_embed_resample": "bicubic", "norm_stats": "imagenet"}}) == {}
+    assert config_changes(saved, {"model": {"pos_embed_resample": "bicubic", "norm_stats": "pretrained"}}) == {
+        "model.norm_stats": (ABSENT, "pretrained")}  # fmt: skip
 
 
 def test_config_changes_lists_every_differing_leaf():

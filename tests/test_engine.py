@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.step import TrainStep, forward_grouped, heads_in_use, label_cam_precision
-from losses import TERMS
+from engine.step import TrainStep, forward_grouped, label_cam_precision
+from engine.task import heads_in_use
+from losses import TERMS, TermSchedule
 from models import build_model
 from utils.config import load_config
 
@@ -97,7 +98,7 @@ def test_views_of_one_size_share_a_forward():
     calls = []
     model.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
     x = torch.randn(2, 3, CROP, CROP)
-    outs = forward_grouped(model, {"main": x, "rot": x.flip(-1), "small": torch.randn(4, 3, 32, 32)}, with_seg="main")
+    outs = forward_grouped(model, {"main": x, "rot": x.flip(-1), "small": torch.randn(4, 3, 32, 32)}, seg_view="main")
     assert calls == [(4, 3, CROP, CROP), (4, 3, 32, 32)]
     assert outs["main"].seg_logits.shape[0] == 2 and outs["small"].seg_logits is None
     direct = model(x, with_seg=True)
@@ -106,9 +107,10 @@ def test_views_of_one_size_share_a_forward():
 
 def test_curriculum_phases_follow_start_iterations():
     cfg = load_config("configs/coco.yaml", ["data.root=/unused", "run.out_dir=/unused"])
-    assert heads_in_use(cfg, 0) == {"decoder": False, "proj_head": False}  # ToCo: classification only
-    assert heads_in_use(cfg, 8000) == {"decoder": True, "proj_head": False}  # + seg / reg
-    assert heads_in_use(cfg, 12000) == {"decoder": True, "proj_head": True}  # + contrast terms
+    schedule = TermSchedule.from_config(cfg.loss)
+    assert heads_in_use(schedule, 0) == {"decoder": False, "proj_head": False}  # ToCo: classification only
+    assert heads_in_use(schedule, 8000) == {"decoder": True, "proj_head": False}  # + seg / reg
+    assert heads_in_use(schedule, 12000) == {"decoder": True, "proj_head": True}  # + contrast terms
 
 
 def _crop_size_batch_sizes(cfg, batch) -> list[int]:

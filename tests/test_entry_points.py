@@ -29,6 +29,29 @@ def _bash(script: str, *args: str, cwd: Path, **env: str) -> subprocess.Complete
                           text=True, timeout=600)  # fmt: skip
 
 
+def _header(script: str) -> str:
+    """A script's --help header: its comment lines from line 2 up to ``set -euo pipefail``, without the ``# ``."""
+    lines = (REPO / script).read_text().splitlines()[1:]
+    header = []
+    for line in lines:
+        if line.startswith("set "):
+            break
+        if line.startswith("#"):
+            header.append(line[2:] if line.startswith("# ") else line[1:])
+    return "\n".join(header) + "\n"
+
+
+# the headers each --help prints, outermost first: the wrapper's own, then those of the scripts it runs
+HELP_HEADERS = {
+    "scripts/launch.sh": ["scripts/launch.sh"],
+    "scripts/infer_pipeline.sh": ["scripts/infer_pipeline.sh", "scripts/launch.sh"],
+    "infer_run_VOC.sh": ["infer_run_VOC.sh", "scripts/infer_pipeline.sh", "scripts/launch.sh"],
+    "infer_run_COCO.sh": ["infer_run_COCO.sh", "scripts/infer_pipeline.sh", "scripts/launch.sh"],
+    "train_run_VOC.sh": ["train_run_VOC.sh", "scripts/launch.sh"],
+    "train_run_COCO.sh": ["train_run_COCO.sh", "scripts/launch.sh"],
+}
+
+
 @pytest.mark.parametrize(
     ("script", "expected"),
     [
@@ -46,7 +69,53 @@ def test_every_shell_entry_point_answers_help_from_any_folder(tmp_path: Path, sc
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for text in expected:
         assert text in result.stdout, text
+    # each script's own header, once, in order: the wrapper's first (printed by the launcher it runs)
+    headers = [_header(name) for name in HELP_HEADERS[script]]
+    assert all(result.stdout.count(header) == 1 for header in headers), result.stdout[:3000]
+    assert result.stdout.startswith(headers[0])
+    assert [result.stdout.index(header) for header in headers] == sorted(result.stdout.index(h) for h in headers)
     assert not list(tmp_path.iterdir())  # asking for help writes nothing
+
+
+def test_wrappers_keep_their_help_text_in_their_header_only():
+    """The --help text of each wrapper is its header comment; the code below it is a few lines (no help copies)."""
+    for script in ("train_run_VOC.sh", "train_run_COCO.sh", "infer_run_VOC.sh", "infer_run_COCO.sh"):
+        lines = (REPO / script).read_text().splitlines()
+        body = lines[lines.index("set -euo pipefail") :]
+        assert len(body) <= 4 and "MSFC_WRAPPER=" in "\n".join(body), script
+
+
+def _fake_python(tmp_path: Path) -> Path:
+    """A ``python`` that prints MSFC_WRAPPER and its arguments, one a line, instead of running anything."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    fake = folder / "python"
+    fake.write_text('#!/bin/sh\necho "MSFC_WRAPPER=${MSFC_WRAPPER-unset}"\nprintf \'%s\\n\' "$@"\n')
+    fake.chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize(("script", "dataset"), [("train_run_COCO.sh", "coco"), ("train_run_VOC.sh", "voc")])
+def test_a_users_config_is_layered_over_the_dataset_config(tmp_path: Path, script: str, dataset: str) -> None:
+    """``train_run_COCO.sh --config X`` trains coco.yaml <- X (before, X replaced coco.yaml)."""
+    import argparse
+
+    from utils.config import add_config_arguments, config_from_args
+
+    user = tmp_path / "user.yaml"
+    user.write_text("train: {max_iters: 5}\ncam: {high_thre: 0.8}\n")
+    path = f"{_fake_python(tmp_path)}{os.pathsep}{_env()['PATH']}"
+    result = _bash(script, "--config", str(user), "data.root=/d", "run.out_dir=/r", cwd=tmp_path, PATH=path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = result.stdout.splitlines()
+    assert printed[:3] == ["MSFC_WRAPPER=unset", "-m", "tools.train"]  # the tool never sees the help variable
+    argv = printed[3:]
+    assert argv[argv.index("--config") + 1] == str(REPO / "configs" / f"{dataset}.yaml")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
+    assert (cfg.data.name, cfg.train.max_iters, cfg.cam.high_thre) == (dataset, 5, 0.8)
+    assert cfg.cam.bkg_thre == {"voc": 0.50, "coco": 0.45}[dataset]  # the dataset file is still merged
 
 
 def test_a_tool_runs_through_the_launcher_from_another_folder(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.user_errors import user_error_line
 from tools import evaluate as ev
 from utils.config import load_config, save_config
 from utils.io import save_label_png, save_npz
@@ -116,13 +117,8 @@ def test_pseudo_labels_count_unlabelled_as_background_and_report_labelled_miou_a
 
 
 def _user_error(capsys: pytest.CaptureFixture, run: Path, *args: str) -> str:
-    """``tools.evaluate`` must fail as a user error: exit 2, one ``error:`` line on stderr, no traceback."""
-    capsys.readouterr()
-    assert ev.main(["--run-dir", str(run), *args]) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    """``tools.evaluate`` must fail as a user error (:func:`tests.user_errors.user_error_line`)."""
+    return user_error_line(ev.main, ["--run-dir", str(run), *args], capsys)
 
 
 def test_seg_prediction_with_ignore_value_is_an_error_naming_the_file(run, capsys):
@@ -189,7 +185,16 @@ def test_cam_file_without_the_branch_is_an_error_naming_it(run, capsys):
     save_npz(run / "cams" / "val" / "a.npz", {"classes": np.array([1], dtype=np.int16)})
     save_npz(run / "cams" / "val" / "b.npz", {"classes": np.array([1], dtype=np.int16)})
     message = _user_error(capsys, run, "--source", "cams")
-    assert re.search(r"cams/val/a\.npz lacks array\(s\) \['cam'\]", message), message
+    assert re.search(r"cams/val/a\.npz lacks key\(s\) \['cam', 'cam_aux'\]", message), message
+
+
+def test_cam_file_with_a_class_beyond_data_num_classes_is_an_error_naming_it(run, capsys):
+    _write_cams(run)
+    cam = np.zeros((1, 2, 4), dtype=np.float16)
+    save_npz(run / "cams" / "val" / "b.npz", {"classes": np.array([21], dtype=np.int16), "cam": cam, "cam_aux": cam})
+    for args in ((), ("--sweep",)):
+        message = _user_error(capsys, run, "--source", "cams", *args)
+        assert re.search(r"cams/val/b\.npz: classes must be .* 1\.\.20 \(data\.num_classes = 21\)", message), message
 
 
 def test_a_missing_run_folder_and_a_bad_sweep_range_are_one_line_errors(tmp_path, run, capsys):
@@ -203,13 +208,20 @@ def test_results_log_gets_one_tagged_line_per_call(run, tmp_path):
     _write_pngs(run, "seg", SEG)
     _write_pngs(run, "pseudo_labels", PSEUDO)
     log = tmp_path / "logs" / "results.jsonl"
-    _evaluate(run, "--source", "seg", "--log", str(log), "--tag", "first")
+    _evaluate(run, "--source", "seg", f"eval.results_log={log}", "--tag", "first")
     _evaluate(run, "--source", "pseudo_labels", f"eval.results_log={log}")  # config key; tag defaults to source
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [line["tag"] for line in lines] == ["first", "pseudo_labels"]
     assert lines[0]["miou"] == pytest.approx(SEG_MIOU) and lines[0]["source"] == "seg"
     assert lines[1]["coverage"] == pytest.approx(PSEUDO_COVERAGE)
     assert all(line["run"] == str(run) and line["split"] == "val" and "time" in line for line in lines)
+
+
+def test_the_results_log_is_a_config_key_only(run, tmp_path, capsys):
+    # eval.results_log is the one way to name the log: there is no --log flag mirroring it
+    with pytest.raises(SystemExit):
+        ev.main(["--run-dir", str(run), "--source", "seg", "--log", str(tmp_path / "x.jsonl")])
+    assert "unrecognized arguments: --log" in capsys.readouterr().err
 
 
 def test_sweep_is_rejected_for_other_sources(run):

@@ -262,3 +262,22 @@ def test_infer_run_voc_pipeline_end_to_end(trained, tmp_path):
         assert isinstance(miou, float) and 0.0 <= miou <= 1.0, name
     assert (run / "eval" / "cams_train_sweep.png").is_file()
     assert "| segmentation head + DenseCRF | val |" in result.stdout  # the protocol table closes the pipeline
+
+
+def test_inference_autocast_follows_eval_precision(trained, tmp_path, monkeypatch):
+    # eval.precision defaults to ${train.precision} (the behaviour before the key existed) and is recorded per folder.
+    assert _config(trained).eval.precision == _config(trained).train.precision
+    cuda = torch.device("cuda")  # autocast_name looks at the device type only: no GPU needed
+    assert infer_seg.output_settings(_config(trained, "eval.precision=fp16"), cuda)["precision"] == "fp16"
+    chosen = _config(trained, "eval.precision=fp32", "train.precision=bf16")
+    assert infer_seg.output_settings(chosen, cuda)["precision"] == "fp32"
+    seen = []
+    real = infer_seg.autocast
+
+    def recording(device: torch.device, precision: str) -> torch.autocast:
+        seen.append(precision)
+        return real(device, precision)
+
+    monkeypatch.setattr(infer_seg, "autocast", recording)
+    _infer(_copy_run(trained, tmp_path / "run"), "data.max_images=1", "eval.precision=fp16", "train.precision=fp32")
+    assert seen == ["fp16"]

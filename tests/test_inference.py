@@ -10,13 +10,21 @@ import torch
 from torch import nn
 
 from engine.inference import predict_seg_logits, resize_for_inference
+from models.backbone import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 PATCH = 4
 # Bilinear upsampling of a 1x1 map is constant up to float32 rounding (~1e-7); wrong fusions are off by >= 1.
 ATOL = 1e-5
 
 
-class ShapeAndSideModel(nn.Module):
+class ImageNetNormalised(nn.Module):
+    """A stand-in's input normalisation: the default backbone statistics (callers ask the model, as for MSFC)."""
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_images(images, IMAGENET_MEAN, IMAGENET_STD)
+
+
+class ShapeAndSideModel(ImageNetNormalised):
     """A stand-in for MSFC whose logits are known from the input alone.
 
     forward(x [B, 3, h, w]) -> ``seg_logits`` [B, 3, 1, 1] = (w / p, h / p, side), where side is +1 when the left
@@ -105,3 +113,38 @@ def test_unknown_resize_mode_names_the_key_and_the_choices() -> None:
     for resize in (8, None):
         with pytest.raises(ValueError, match=r"eval\.resize_mode .*long_side.*square.*'squared'"):
             predict_seg_logits(ShapeAndSideModel(), two_images(), resize=resize, resize_mode="squared")
+
+
+class RecordingModel(ImageNetNormalised):
+    """Records every input size; answers as MSFC does for CAMs, tokens and segmentation (zeros at patch 16)."""
+
+    patch_size = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+        self.memory = SimpleNamespace(similarity=lambda tokens, labels: tokens[:, : labels.shape[1]])
+
+    def forward(self, x: torch.Tensor, with_seg: bool = False) -> SimpleNamespace:
+        self.sizes.append(tuple(x.shape[-2:]))
+        grid = torch.zeros(x.shape[0], 2, x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        return SimpleNamespace(cam=grid, cam_aux=grid, tokens=grid, seg_logits=grid)
+
+
+def test_a_half_patch_tie_rounds_up_in_every_path() -> None:
+    # 72 px = 4.5 patches of 16 -> 5 patches = 80 px; 40 px = 2.5 patches -> 48 px (half-up, core.cam.round_to_patch).
+    # Python's round() rounds ties to even (64 and 32): segmentation inference used it before the one rounding.
+    from core.cam import multiscale_cam, round_to_patch
+    from tools.make_cam import memory_similarity
+
+    assert (round_to_patch(72, 16), round_to_patch(40, 16)) == (80, 48)
+    images = torch.zeros(1, 3, 72, 40, dtype=torch.uint8)
+    paths = {
+        "multiscale_cam": lambda model: multiscale_cam(model, images.float(), (1.0,), 2),
+        "make_cam.memory_similarity": lambda model: memory_similarity(model, images.float(), torch.ones(1, 1)),
+        "predict_seg_logits": lambda model: predict_seg_logits(model, images, (1.0,), False),
+    }
+    for name, run in paths.items():
+        model = RecordingModel()
+        run(model)
+        assert model.sizes == [(80, 48)], name

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.cam import multiscale_cam
-from core.pseudo_labels import load_cams
+from core.cam import multiscale_cam, normalise_per_class
+from core.camfile import read_cams
 from datasets import build_dataset
-from models import load_trained_model, normalize
+from models import fuse_similarity, load_trained_model
+from tests.user_errors import user_error_line
 from tools import make_cam, train
 from utils.checkpoint import CheckpointError
 from utils.config import load_run_config
@@ -53,7 +54,8 @@ def test_every_val_image_has_its_classes_and_float16_maps(run: Path) -> None:
         raw = load_npz(folder / f"{name}.npz")
         assert raw["classes"].dtype == np.int16
         assert raw["cam"].dtype == raw["cam_aux"].dtype == np.float16
-        classes, cam, cam_aux = load_cams(folder / f"{name}.npz")
+        cams = read_cams(folder / f"{name}.npz")
+        classes, cam, cam_aux = cams.classes, cams.cam, cams.cam_aux
         assert classes.tolist() == (torch.nonzero(item["label"]).flatten() + 1).tolist()
         assert cam.shape == cam_aux.shape == (len(classes), *item["img"].shape[-2:])
         for maps in (cam, cam_aux):
@@ -67,9 +69,11 @@ def test_maps_equal_multiscale_cam_computed_directly(run: Path) -> None:
     model = load_trained_model(cfg, torch.device("cpu"))
     index = 1
     item = dataset[index]
-    cam, cam_aux = multiscale_cam(model, normalize(item["img"][None]), tuple(cfg.cam.scales), int(cfg.cam.max_batch))
+    x = model.normalize(item["img"][None])
+    cam, cam_aux = multiscale_cam(model, x, tuple(cfg.cam.scales), int(cfg.cam.max_batch))
     present = torch.nonzero(item["label"]).flatten()
-    classes, saved, saved_aux = load_cams(run / "cams" / "val" / f"{dataset.ids[index]}.npz")
+    cams = read_cams(run / "cams" / "val" / f"{dataset.ids[index]}.npz")
+    classes, saved, saved_aux = cams.classes, cams.cam, cams.cam_aux
     assert classes.tolist() == (present + 1).tolist()
     np.testing.assert_allclose(saved, cam[0, present].numpy(), atol=FP16_TOL, rtol=0)
     np.testing.assert_allclose(saved_aux, cam_aux[0, present].numpy(), atol=FP16_TOL, rtol=0)
@@ -86,13 +90,8 @@ def test_second_run_does_no_work(run: Path) -> None:
 
 
 def _user_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
-    """Run the tool's main on ``argv``; it must fail as a user error: exit 2, one ``error:`` line, no traceback."""
-    capsys.readouterr()
-    assert make_cam.main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    """Run the tool's main on ``argv``; it must fail as a user error (:func:`tests.user_errors.user_error_line`)."""
+    return user_error_line(make_cam.main, argv, capsys)
 
 
 def test_changed_settings_are_refused(run: Path, capsys: pytest.CaptureFixture) -> None:
@@ -212,34 +211,25 @@ def test_missing_image_is_a_clear_error(run: Path, tmp_path: Path, capsys) -> No
     assert re.search(r"1 id\(s\) of split 'val' have no image .*ghost_0001", message), message
 
 
-def test_image_without_present_class_gets_empty_arrays(tmp_path: Path) -> None:
-    cam = torch.rand(20, 5, 6)
-    arrays = make_cam.cam_arrays(cam, cam, torch.zeros(20))
-    assert arrays["classes"].shape == (0,) and arrays["cam"].shape == arrays["cam_aux"].shape == (0, 5, 6)
-    make_cam.save_npz(tmp_path / "empty.npz", arrays)
-    classes, loaded, _ = load_cams(tmp_path / "empty.npz")
-    assert classes.size == 0 and loaded.shape == (0, 5, 6)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Memory fusion (SPEC §4.5, memory.fuse_lambda)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_fuse_memory_known_answer() -> None:
+def test_memory_fusion_recipe_known_answer() -> None:
+    # make_cam fuses as normalise_per_class(fuse_similarity(CAM, S, λ)) (SPEC §4.5; λ = 0 skips both).
     # CAM [0, 1, 0.5], S [1, 0, 0.5], λ = 0.5 → CAM + λS = [0.5, 1, 0.75] → minus min 0.5 → [0, 0.5, 0.25]
     # → divided by (0.5 + 1e-5).
     cam = torch.tensor([0.0, 1.0, 0.5]).view(1, 1, 1, 3)
     sim = torch.tensor([1.0, 0.0, 0.5]).view(1, 1, 1, 3)
     expected = torch.tensor([0.0, 0.5, 0.25]) / (0.5 + 1e-5)
-    torch.testing.assert_close(make_cam.fuse_memory(cam, sim, 0.5).flatten(), expected)
-    assert make_cam.fuse_memory(cam, sim, 0.0) is cam  # λ = 0: fusion off, maps untouched
+    torch.testing.assert_close(normalise_per_class(fuse_similarity(cam, sim, 0.5)).flatten(), expected)
 
 
-def test_fuse_memory_upsamples_token_similarity() -> None:
+def test_memory_fusion_upsamples_token_similarity() -> None:
     cam = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))
     sim = torch.rand(2, 3, 2, 3, generator=torch.Generator().manual_seed(1))
-    fused = make_cam.fuse_memory(cam, sim, 1.0)
+    fused = normalise_per_class(fuse_similarity(cam, sim, 1.0))
     assert fused.shape == cam.shape
     flat = fused.flatten(2)
     torch.testing.assert_close(flat.amin(2), torch.zeros(2, 3))
@@ -252,7 +242,7 @@ def test_memory_similarity_at_scale_one(run: Path) -> None:
     item = dataset[0]
     height, width = item["img"].shape[-2:]
     label = item["label"][None]
-    sim = make_cam.memory_similarity(model, normalize(item["img"][None]), label)
+    sim = make_cam.memory_similarity(model, model.normalize(item["img"][None]), label)
     patch = model.patch_size
     # each side rounded half-up to whole patches, as multiscale_cam does at scale 1.0
     assert sim.shape == (1, label.shape[1], max(1, int(height / patch + 0.5)), max(1, int(width / patch + 0.5)))

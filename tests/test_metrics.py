@@ -1,4 +1,5 @@
-"""Tests for utils/metrics.py: confusion matrix metrics (SPEC §5.3) and the one-pass CAM threshold sweep."""
+"""Tests for utils/metrics.py: confusion matrix metrics (SPEC §5.3) and their table (the CAM threshold sweep:
+tests/test_cam_label.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import CamThresholdSweep, ConfusionMatrix, cam_to_label, compute_metrics, format_table
+from utils.metrics import ConfusionMatrix, compute_metrics, format_table
 
 # A 4-class example (0 background, 1, 2, and 3 which is predicted once but has no ground truth).
 GT = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
@@ -123,93 +124,3 @@ def test_format_table() -> None:
     assert "mIoU 44.44 over 3 classes" in lines[-1]
     with pytest.raises(ValueError, match="3 class names for 4 classes"):
         format_table(cm.compute(), ["a", "b", "c"])
-
-
-def test_cam_to_label_tie_rules() -> None:
-    cams = np.array([[[0.5, 0.49, 0.7]], [[0.2, 0.3, 0.7]]], dtype=np.float32)  # [K=2, 1, 3]
-    classes = np.array([3, 5])
-    # Pixel 0: max 0.5 == threshold -> background wins the tie. Pixel 1: 0.49 < 0.5 -> background.
-    # Pixel 2: both classes 0.7 -> the first maximum, class 3.
-    np.testing.assert_array_equal(cam_to_label(cams, classes, 0.5, (1, 3)), [[0, 0, 3]])
-    np.testing.assert_array_equal(cam_to_label(cams, classes, 0.45, (1, 3)), [[3, 3, 3]])
-    np.testing.assert_array_equal(cam_to_label(cams, classes, 0.0, (1, 3)), [[3, 3, 3]])
-    empty = cam_to_label(np.zeros((0, 2, 2), np.float32), np.zeros(0, int), 0.1, (2, 2))
-    assert empty.dtype == np.uint8 and empty.shape == (2, 2) and not empty.any()
-    with pytest.raises(ValueError, match="cams must be"):
-        cam_to_label(cams, classes, 0.5, (2, 3))
-    with pytest.raises(ValueError, match="foreground ids"):
-        cam_to_label(cams, np.array([0, 1]), 0.5, (1, 3))
-
-
-def _random_case(rng: np.random.Generator, num_fg: int, shape: tuple[int, int]) -> tuple:
-    k = int(rng.integers(0, 4))
-    classes = np.sort(rng.choice(np.arange(1, num_fg + 1), size=k, replace=False))
-    # CAM values on a 1/8 grid so that several pixels equal a threshold exactly (tie rule) and classes tie.
-    cams = (rng.integers(0, 9, (k, *shape)) / 8.0).astype(np.float32)
-    gt = rng.integers(0, num_fg + 1, shape)
-    gt[rng.random(shape) < 0.15] = 255
-    return cams, classes, gt
-
-
-def test_sweep_matches_single_threshold_evaluation() -> None:
-    rng = np.random.default_rng(2)
-    num_classes = 5
-    thresholds = [0.5, 0.0, 0.25, 0.3, 0.625, 1.0, 0.25]  # unsorted, a duplicate, grid values and an off-grid one
-    sweep = CamThresholdSweep(num_classes, thresholds)
-    np.testing.assert_array_equal(sweep.thresholds, [0.0, 0.25, 0.3, 0.5, 0.625, 1.0])
-    cases = [_random_case(rng, num_classes - 1, (6, 7)) for _ in range(6)]
-    cases.append((np.zeros((0, 6, 7), np.float32), np.zeros(0, int), rng.integers(0, num_classes, (6, 7))))
-    # float16 CAMs: 0.3 is not representable, the comparison must be the same in both paths.
-    cases.append((np.full((1, 6, 7), 0.3, np.float16), np.array([2]), rng.integers(0, num_classes, (6, 7))))
-    for cams, classes, gt in cases:
-        sweep.update(cams, classes, gt)
-    confusions = sweep.confusions()
-    assert confusions.shape == (6, num_classes, num_classes) and confusions.dtype == np.int64
-    for i, t in enumerate(sweep.thresholds):
-        reference = ConfusionMatrix(num_classes)
-        for cams, classes, gt in cases:
-            reference.update(cam_to_label(cams, classes, t, gt.shape), gt)
-        np.testing.assert_array_equal(confusions[i], reference.matrix, err_msg=f"threshold {t}")
-    # The threshold changes the answer (the test would not notice a sweep that ignores it otherwise).
-    assert not np.array_equal(confusions[0], confusions[-1])
-    # At threshold 1.0 no CAM value (max 1.0) is strictly above it: everything is background.
-    assert confusions[-1][:, 1:].sum() == 0
-
-
-def test_sweep_best_known_answer() -> None:
-    # gt [1, 0], class-1 CAM [0.8, 0.4]:
-    #   t=0.2 -> pred [1, 1]: IoU_0 = 0/1, IoU_1 = 1/2 -> mIoU 0.25
-    #   t=0.5 -> pred [1, 0]: both IoU 1 -> mIoU 1.0
-    #   t=0.9 -> pred [0, 0]: IoU_0 = 1/2, IoU_1 = 0 -> mIoU 0.25
-    sweep = CamThresholdSweep(3, [0.2, 0.5, 0.9])
-    sweep.update(torch.tensor([[[0.8, 0.4]]]), torch.tensor([1]), torch.tensor([[1, 0]]))
-    results = sweep.results()
-    assert [r["miou"] for r in results] == pytest.approx([0.25, 1.0, 0.25])
-    assert [r["threshold"] for r in results] == pytest.approx([0.2, 0.5, 0.9])
-    threshold, best = sweep.best()
-    assert threshold == pytest.approx(0.5) and best["miou"] == pytest.approx(1.0)
-
-
-def test_sweep_merge_and_all_reduce() -> None:
-    rng = np.random.default_rng(3)
-    cases = [_random_case(rng, 3, (4, 5)) for _ in range(4)]
-    whole, first, second = (CamThresholdSweep(4, [0.25, 0.5]) for _ in range(3))
-    for i, case in enumerate(cases):
-        whole.update(*case)
-        (first if i < 2 else second).update(*case)
-    first.merge(second).all_reduce()
-    np.testing.assert_array_equal(first.confusions(), whole.confusions())
-    with pytest.raises(ValueError, match="cannot merge"):
-        whole.merge(CamThresholdSweep(4, [0.25]))
-
-
-def test_sweep_rejects_bad_input() -> None:
-    sweep = CamThresholdSweep(3, [0.5])
-    with pytest.raises(ValueError, match="classes contains class id 4"):
-        sweep.update(np.ones((1, 2, 2), np.float32), np.array([4]), np.zeros((2, 2), int))
-    with pytest.raises(ValueError, match="NaN"):
-        sweep.update(np.full((1, 2, 2), np.nan, np.float32), np.array([1]), np.zeros((2, 2), int))
-    with pytest.raises(ValueError, match="thresholds"):
-        CamThresholdSweep(3, [])
-    with pytest.raises(ValueError, match="no labelled pixels"):
-        sweep.best()

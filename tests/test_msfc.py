@@ -1,4 +1,4 @@
-"""Assembled MSFC (SPEC §1): output dataclass, gradients, EMA teacher, parameter groups, build_model."""
+"""Assembled MSFC (SPEC §1): output dataclass, gradients, EMA teacher, parameter groups, build_model, normalisation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from models import MSFC, MSFCOutput, ViTBackbone, build_model
 from models.memory import MemoryBank
@@ -133,10 +133,11 @@ def test_memory_bank_size_checked():
         MSFC(bb, num_classes=21, memory=MemoryBank(num_classes=21, dim=D))
 
 
-def test_build_model_reads_config():
-    cfg = OmegaConf.create(
+def small_config(**model: object) -> DictConfig:
+    """A full config for `build_model` with a tiny backbone and small heads; `model` overrides `cfg.model` keys."""
+    return OmegaConf.create(
         {
-            "data": {"num_classes": 5},
+            "data": {"num_classes": 5, "ignore_index": 255},
             "model": {
                 "backbone": "vit_tiny_patch16_224",
                 "backbone_kwargs": {"embed_dim": D, "depth": 3, "num_heads": 2, "patch_size": 8, "img_size": 32},
@@ -145,20 +146,26 @@ def test_build_model_reads_config():
                 "aux_layer": -2,
                 "freeze_pos_embed": False,
                 "pos_embed_resample": "timm",
+                "norm_stats": "pretrained",
                 "decoder_channels": 8,
                 "decoder_dilation": 2,
                 "proj_hidden_dim": 12,
                 "proj_bottleneck_dim": 6,
                 "proj_out_dim": 10,
                 "teacher_momentum": 0.5,
+                **model,
             },
             "memory": {"update_every": 10, "momentum": 0.3, "min_count": 2, "fuse_lambda": 0.0},
         }
     )
-    model = build_model(cfg)
+
+
+def test_build_model_reads_config():
+    model = build_model(small_config())
     assert model.num_classes == 5 and model.teacher_momentum == 0.5
     assert model.backbone.aux_index == 1 and model.backbone.vit.pos_embed.requires_grad
     assert model.backbone.pos_embed_resample == "timm"
+    assert model.backbone.norm_stats == "pretrained" and model.backbone.mean == (0.5, 0.5, 0.5)  # timm's config
     assert model.decoder.conv1.dilation == (2, 2) and model.decoder.conv1.out_channels == 8
     assert model.memory.num_classes == 4 and model.memory.momentum == 0.3 and model.memory.min_count == 2
     assert model.project(torch.randn(2, D)).shape == (2, 10)
@@ -179,3 +186,22 @@ def test_set_head_trainable_keeps_fixed_parameters_fixed():
     assert not any(p.requires_grad for p in model.proj_head_teacher.parameters())
     with pytest.raises(ValueError, match="unknown head 'proj_head_teacher'"):
         model.set_head_trainable("proj_head_teacher", True)
+
+
+def test_model_normalisation_is_the_backbones_and_checkpoints_load_across_norm_stats():
+    from utils.checkpoint import load_model_state
+
+    imagenet, own = build_model(small_config(norm_stats="imagenet")), build_model(small_config())
+    white = torch.full((1, 3, 8, 8), 255, dtype=torch.uint8)
+    torch.testing.assert_close(own.normalize(white), torch.ones(1, 3, 8, 8))  # (1 - 0.5) / 0.5
+    torch.testing.assert_close(imagenet.normalize(white), imagenet.backbone.normalize(white), rtol=0, atol=0)
+    torch.testing.assert_close(imagenet.denormalize(imagenet.normalize(white)), torch.ones(1, 3, 8, 8))
+    # The statistics add no checkpoint state: a checkpoint loads strictly into a model with either setting.
+    state = imagenet.state_dict()
+    assert not any("pixel_" in k for k in state)
+    load_model_state(own, state, "imagenet.pth")
+    assert own.backbone.mean == (0.5, 0.5, 0.5)
+    # A config written before model.norm_stats existed builds with the published ImageNet statistics.
+    old = small_config()
+    del old.model["norm_stats"]
+    assert build_model(old).backbone.norm_stats == "imagenet"

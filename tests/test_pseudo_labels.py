@@ -11,23 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
-from core.labels import online_seg_labels
+from core.camfile import cam_arrays, read_cams
+from core.labels import cam_label, online_seg_labels
 from core.pseudo_labels import (
-    argmax_label,
-    cams_to_label,
     dual_label,
-    load_cams,
+    hard_label,
     load_soft_label,
+    pseudo_label,
     soft_label,
     stack_probabilities,
 )
 from datasets import build_dataset
 from models.par import PAR
+from tests.user_errors import user_error_line
 from tools import make_pseudo_labels
-from tools.make_cam import cam_arrays
 from utils.config import config_from_args, load_config, save_config
 from utils.io import load_npz, read_label_png, save_label_png, save_npz, voc_palette
-from utils.metrics import cam_to_label
 from utils.outputs import check_settings
 
 IGN = 255
@@ -44,12 +43,10 @@ def test_single_threshold_known_answer_with_ties_to_background() -> None:
     #   px3 max 0.9 (class 3) → 3;  px4 0.8 = 0.8 ties between classes → the first, 3.
     cam = np.array([[[0.2, 0.6, 0.5, 0.9, 0.8]], [[0.1, 0.7, 0.5, 0.3, 0.8]]], dtype=np.float32)
     expected = np.array([[0, 7, 0, 3, 3]], dtype=np.uint8)
-    label = cams_to_label(cam, [3, 7], bkg_thre=0.5)
+    label = pseudo_label(cam, [3, 7], bkg_thre=0.5)
     assert label.dtype == np.uint8
     np.testing.assert_array_equal(label, expected)
-    np.testing.assert_array_equal(
-        label, cam_to_label(cam, np.array([3, 7]), 0.5, (1, 5))
-    )  # same rule as CAM evaluation
+    np.testing.assert_array_equal(label, cam_label(cam, np.array([3, 7]), 0.5))  # the one rule, as CAM evaluation
 
 
 def test_dual_threshold_band_is_ignored() -> None:
@@ -57,7 +54,9 @@ def test_dual_threshold_band_is_ignored() -> None:
     # → 255 (label_h background, label_l foreground; 0.7 ties high: background in label_h); v > high → 4.
     cam = np.array([[[0.1, 0.25, 0.3, 0.5, 0.7, 0.71, 1.0]]], dtype=np.float32)
     expected = np.array([[0, 0, IGN, IGN, IGN, 4, 4]], dtype=np.uint8)
-    np.testing.assert_array_equal(cams_to_label(cam, [4], high=0.7, low=0.25, dual=True), expected)
+    np.testing.assert_array_equal(pseudo_label(cam, [4], high=0.7, low=0.25, dual=True), expected)
+    np.testing.assert_array_equal(pseudo_label(cam, [4], high=0.7, low=0.25, dual=True, ignore_index=254),
+                                  np.where(expected == IGN, 254, expected))  # data.ignore_index  # fmt: skip
 
 
 def test_dual_label_rule() -> None:
@@ -68,29 +67,41 @@ def test_dual_label_rule() -> None:
 
 
 def test_class_masking_keeps_only_present_classes() -> None:
-    # cam_arrays (tools.make_cam) keeps the channels of the image's labels only: the absent class 2 has the largest
-    # scores everywhere, yet no pixel may take its id; the present class 4 (index 3) wins where it beats 0.5.
+    # cam_arrays (core.camfile, the file tools.make_cam writes) keeps the channels of the image's labels only: the
+    # absent class 2 has the largest scores everywhere, yet no pixel may take its id; the present class 4 (index 3)
+    # wins where it beats 0.5.
     cam = torch.zeros(4, 2, 3)
     cam[1] = 1.0  # absent class id 2
     cam[3, 0] = 0.8  # present class id 4, first row
     label = torch.tensor([0.0, 0.0, 0.0, 1.0])
     arrays = cam_arrays(cam, cam.clone(), label)
     assert arrays["classes"].tolist() == [4] and arrays["cam"].shape == (1, 2, 3)
-    out = cams_to_label(arrays["cam"].astype(np.float32), arrays["classes"], bkg_thre=0.5)
+    out = pseudo_label(arrays["cam"].astype(np.float32), arrays["classes"], bkg_thre=0.5)
     np.testing.assert_array_equal(out, [[4, 4, 4], [0, 0, 0]])
 
 
 def test_no_present_class_is_all_background() -> None:
     empty = np.zeros((0, 3, 4), dtype=np.float32)
     for dual in (False, True):
-        np.testing.assert_array_equal(cams_to_label(empty, [], dual=dual), np.zeros((3, 4), np.uint8))
+        np.testing.assert_array_equal(pseudo_label(empty, [], dual=dual), np.zeros((3, 4), np.uint8))
     # refinement is skipped (nothing to refine), so no image is needed
-    np.testing.assert_array_equal(cams_to_label(empty, [], par=PAR((1,), 1)), np.zeros((3, 4), np.uint8))
+    np.testing.assert_array_equal(pseudo_label(empty, [], par=PAR((1,), 1)), np.zeros((3, 4), np.uint8))
 
 
-def test_argmax_label_rejects_mismatched_classes() -> None:
-    with pytest.raises(ValueError, match=r"K\+1=3"):
-        argmax_label(np.zeros((2, 2, 2)), [1, 2])
+def test_hard_label_labels_refined_stacks_by_their_background_channel() -> None:
+    # probs [S=2, K+1=2, 1, 4]: stack 0 (high) and stack 1 (low); ties go to the background channel.
+    probs = np.array([[[[0.6, 0.5, 0.3, 0.2]], [[0.4, 0.5, 0.7, 0.8]]],
+                      [[[0.2, 0.5, 0.1, 0.1]], [[0.8, 0.5, 0.9, 0.9]]]], dtype=np.float32)  # fmt: skip
+    cam = np.zeros((1, 1, 4), np.float32)  # not used when probs are given
+    np.testing.assert_array_equal(hard_label(cam, [6], (0.7,), False, probs), [[0, 0, 6, 6]])
+    np.testing.assert_array_equal(hard_label(cam, [6], (0.7, 0.25), True, torch.from_numpy(probs)), [[IGN, 0, 6, 6]])
+    with pytest.raises(ValueError, match="dual needs 2 stacks"):
+        hard_label(cam, [6], (0.7,), True)
+
+
+def test_pseudo_label_rejects_mismatched_classes() -> None:
+    with pytest.raises(ValueError, match=r"K=2"):
+        pseudo_label(np.zeros((1, 2, 2)), [1, 2])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -117,8 +128,8 @@ def test_par_keeps_a_crisp_label_crisp() -> None:
     cam, image = _square_scene()
     par = PAR((1, 2, 4, 8, 12, 24), 10)
     for dual in (False, True):
-        plain = cams_to_label(cam, [5], bkg_thre=0.5, high=0.5, low=0.25, dual=dual)
-        refined = cams_to_label(cam, [5], image, bkg_thre=0.5, high=0.5, low=0.25, dual=dual, par=par)
+        plain = pseudo_label(cam, [5], bkg_thre=0.5, high=0.5, low=0.25, dual=dual)
+        refined = pseudo_label(cam, [5], image, bkg_thre=0.5, high=0.5, low=0.25, dual=dual, par=par)
         assert set(np.unique(plain)) == {0, 5}
         np.testing.assert_array_equal(refined, plain)
 
@@ -132,11 +143,11 @@ def test_refinement_snaps_a_shifted_cam_to_the_image_edges() -> None:
     cam[0, 6:22, 6:22] = 1.0
     truth = np.zeros((32, 32), dtype=np.uint8)
     truth[8:24, 8:24] = 5
-    assert (cams_to_label(cam, [5], bkg_thre=0.5) != truth).sum() == 120
+    assert (pseudo_label(cam, [5], bkg_thre=0.5) != truth).sum() == 120
     params = {"iters": 5, "gauss_sxy": 1.0, "gauss_compat": 1, "bilateral_sxy": 20.0, "bilateral_srgb": 5.0,
               "bilateral_compat": 4}  # fmt: skip
-    np.testing.assert_array_equal(cams_to_label(cam, [5], image, bkg_thre=0.5, crf_params=params), truth)
-    with_par = cams_to_label(cam, [5], image, bkg_thre=0.5, par=PAR((1, 2, 4, 8, 12, 24), 10))
+    np.testing.assert_array_equal(pseudo_label(cam, [5], image, bkg_thre=0.5, crf_params=params), truth)
+    with_par = pseudo_label(cam, [5], image, bkg_thre=0.5, par=PAR((1, 2, 4, 8, 12, 24), 10))
     assert (with_par != truth).sum() <= 8
 
 
@@ -155,7 +166,7 @@ def test_dual_par_matches_online_seg_labels() -> None:
     image01 = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     par = PAR((1, 2, 4), 3)
     online = online_seg_labels(cam_full, labels, image01, torch.tensor([[0, h, 0, w]]), par, high=0.6, low=0.3)
-    offline = cams_to_label(cam_full[0, present], [2, 5], image, high=0.6, low=0.3, dual=True, par=par)
+    offline = pseudo_label(cam_full[0, present], [2, 5], image, high=0.6, low=0.3, dual=True, par=par)
     np.testing.assert_array_equal(offline, online[0].numpy())
     assert {0, 2, 5, IGN} <= set(np.unique(offline))  # the comparison covers every kind of label
 
@@ -171,7 +182,7 @@ def test_stack_probabilities_sum_to_one() -> None:
 
 def test_refinement_needs_the_image() -> None:
     with pytest.raises(ValueError, match="needs the image"):
-        cams_to_label(np.ones((1, 4, 4), np.float32), [1], par=PAR((1,), 1))
+        pseudo_label(np.ones((1, 4, 4), np.float32), [1], par=PAR((1,), 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -200,18 +211,6 @@ def test_load_soft_label_rejects_out_of_range_class(tmp_path: Path) -> None:
     save_npz(tmp_path / "bad.npz", soft_label(np.full((2, 2, 2), 0.5), [30]))
     with pytest.raises(ValueError, match=r"bad\.npz.*0\.\.20"):
         load_soft_label(tmp_path / "bad.npz", NUM_CLASSES)
-
-
-def test_load_cams_errors_name_the_file(tmp_path: Path) -> None:
-    save_npz(tmp_path / "a.npz", {"classes": np.array([1], np.int16), "cam": np.zeros((1, 2, 2), np.float16)})
-    with pytest.raises(ValueError, match=r"a\.npz lacks key\(s\) \['cam_aux'\]"):
-        load_cams(tmp_path / "a.npz")
-    maps = np.zeros((2, 2, 2), np.float16)
-    save_npz(tmp_path / "b.npz", {"classes": np.array([1], np.int16), "cam": maps, "cam_aux": maps})
-    with pytest.raises(ValueError, match=r"b\.npz: cam must be a float \[K=1, H, W\]"):
-        load_cams(tmp_path / "b.npz")
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
-        load_cams(tmp_path / "missing.npz")
 
 
 def test_check_settings_refuses_a_changed_resume(tmp_path: Path) -> None:
@@ -280,10 +279,11 @@ def test_tool_dual_par_soft_matches_the_pure_functions_and_resumes(cam_run, caps
     for index, name in enumerate(dataset.ids):
         label = read_label_png(_outputs(run) / f"{name}.png")
         seen |= set(np.unique(label).tolist())
-        classes, _, cam_aux = load_cams(run / "cams" / "val" / f"{name}.npz")
+        cams = read_cams(run / "cams" / "val" / f"{name}.npz")
+        classes, cam_aux = cams.classes, cams.cam_aux
         image = dataset[index]["img"].permute(1, 2, 0).numpy()
         high, low = float(cfg.cam.high_thre), float(cfg.cam.low_thre)
-        expected = cams_to_label(cam_aux, classes, image, high=high, low=low, dual=True, par=par)
+        expected = pseudo_label(cam_aux, classes, image, high=high, low=low, dual=True, par=par)
         np.testing.assert_array_equal(label, expected)
         soft = load_npz(_outputs(run) / "soft" / f"{name}.npz")
         assert soft["classes"].tolist() == [0, *classes.tolist()]  # K+1 channels only
@@ -308,9 +308,10 @@ def test_tool_crf_path_matches_the_pure_function(cam_run) -> None:
     params = dict(cfg.crf)
     dataset = build_dataset(cfg, "val", "eval")
     for index, name in enumerate(dataset.ids[:3]):
-        classes, cam, _ = load_cams(run / "cams" / "val" / f"{name}.npz")
+        cams = read_cams(run / "cams" / "val" / f"{name}.npz")
+        classes, cam = cams.classes, cams.cam
         image = dataset[index]["img"].permute(1, 2, 0).numpy()
-        expected = cams_to_label(cam, classes, image, bkg_thre=float(cfg.cam.bkg_thre), crf_params=params)
+        expected = pseudo_label(cam, classes, image, bkg_thre=float(cfg.cam.bkg_thre), crf_params=params)
         np.testing.assert_array_equal(read_label_png(_outputs(run) / f"{name}.png"), expected)
 
 
@@ -335,17 +336,19 @@ def test_crf_stream_keeps_order_with_items_that_send_no_job(cam_run) -> None:
     cfg = load_config(run / "config.yaml", ["pseudo.crf=true", "pseudo.soft=true", "crf.iters=1"])
     opts = make_pseudo_labels.Options.from_config(cfg)
     pipeline = make_pseudo_labels.Pipeline(cfg, opts, torch.device("cpu"))
-    empty = make_pseudo_labels.Prepared(-1, "empty", np.zeros(0, np.int64), torch.ones(3, 1, 4, 4), False, None)
+    empty = make_pseudo_labels.Prepared(-1, "empty", np.zeros(0, np.int64), torch.ones(0, 4, 4), None, None)
     image = np.zeros((4, 4, 3), np.uint8)
-    full = [
-        make_pseudo_labels.Prepared(i, f"x{i}", np.array([i + 1]), torch.rand(3, 2, 4, 4).softmax(1), True, image)
-        for i in range(3)
-    ]
+    probs = [torch.rand(3, 2, 4, 4).softmax(1) for _ in range(3)]
+    full = [make_pseudo_labels.Prepared(i, f"x{i}", np.array([i + 1]), torch.rand(1, 4, 4), p, image)
+            for i, p in enumerate(probs)]  # fmt: skip
     items = [empty, full[0], empty, empty, full[1], full[2], empty]
     out = list(pipeline.crf_stream(iter(items), _EagerPool(dict(cfg.crf))))
     assert [item.name for item in out] == [item.name for item in items]
     for item in out:
-        assert np.asarray(item.stacks).shape == ((3, 1, 4, 4) if item.name == "empty" else (3, 2, 4, 4))
+        if item.name == "empty":
+            assert item.probs is None
+        else:
+            assert np.asarray(item.probs).shape == (3, 2, 4, 4) and isinstance(item.probs, np.ndarray)  # refined
 
 
 def test_tool_errors_name_the_missing_cams(cam_run, tmp_path: Path, capsys) -> None:
@@ -365,13 +368,8 @@ def test_tool_errors_name_the_missing_cams(cam_run, tmp_path: Path, capsys) -> N
 
 
 def _user_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
-    """Run the tool's main on ``argv``; it must fail as a user error: exit 2, one ``error:`` line, no traceback."""
-    capsys.readouterr()
-    assert make_pseudo_labels.main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    """Run the tool's main on ``argv``; it must fail as a user error (:func:`tests.user_errors.user_error_line`)."""
+    return user_error_line(make_pseudo_labels.main, argv, capsys)
 
 
 def _parse(args: list[str]):

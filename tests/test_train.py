@@ -19,6 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+import engine.task
+from engine.task import MSFC_METRICS
+from engine.trainer import restore_best as _restore_best
 from tools import train
 from utils.checkpoint import read_checkpoint, resolve_checkpoint
 from utils.config import load_config
@@ -78,7 +81,7 @@ def test_disabled_terms_are_not_computed_or_logged(voc_root, tmp_path):
 )
 def test_resume_continues_bit_for_bit(voc_root, tmp_path, monkeypatch, extra, validating):
     if validating:
-        real_validate = train.validate
+        real_validate = engine.task.validate
 
         def never_improving(*args, **kwargs):
             # the real validation (its DataLoader draws a seed from torch's global generator), with scores that never
@@ -86,7 +89,7 @@ def test_resume_continues_bit_for_bit(voc_root, tmp_path, monkeypatch, extra, va
             results, overlays = real_validate(*args, **kwargs)
             return dict.fromkeys(results, -2.0), overlays
 
-        monkeypatch.setattr(train, "validate", never_improving)
+        monkeypatch.setattr(engine.task, "validate", never_improving)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     schedule = ("train.max_iters=4", "train.ckpt_every=4", *extra)
     assert train.main(_args(voc_root, straight, *schedule)) == 0
@@ -191,7 +194,7 @@ def test_best_checkpoints_keep_their_own_metric_and_survive_resume(voc_root, tmp
     folder = out / "checkpoints"
     assert train.main(_args(voc_root, out, *BEST_SCHEDULE, "train.stop_iter=2")) == 0
     # Validation after steps 0 and 1: the decoder has not trained yet, so there is no segmentation best
-    # (heads_in_use(cfg, 2), the phase of the *next* step, would have scored the untrained decoder).
+    # (the phase of the *next* step, would have scored the untrained decoder).
     assert (folder / "best_cam.pth").is_file() and not (folder / "best_seg.pth").exists()
     first = read_checkpoint(folder / "last.pth")
     assert first["extra"]["best"]["seg_miou"] == {"score": -1.0, "step": -1}
@@ -212,15 +215,19 @@ def test_best_checkpoints_keep_their_own_metric_and_survive_resume(voc_root, tmp
     assert not (folder / "best.pth").exists()
 
 
+def restore_best(saved):
+    return _restore_best(saved, MSFC_METRICS)
+
+
 def test_restore_best_reads_the_current_and_the_old_single_best_format():
     fresh = {"cam_miou": {"score": -1.0, "step": -1}, "seg_miou": {"score": -1.0, "step": -1}}
-    assert train.restore_best(None) == train.restore_best({}) == fresh
+    assert restore_best(None) == restore_best({}) == fresh
     current = {"cam_miou": {"score": 0.4, "step": 6}, "seg_miou": {"score": 0.3, "step": 8}}
-    assert train.restore_best(current) == current
+    assert restore_best(current) == current
     # old format: the score carries over to its own metric only
-    assert train.restore_best({"score": 0.5, "step": 4, "metric": "seg_miou"}) == {
+    assert restore_best({"score": 0.5, "step": 4, "metric": "seg_miou"}) == {
         **fresh, "seg_miou": {"score": 0.5, "step": 4}}  # fmt: skip
-    assert train.restore_best({"score": -1.0, "step": -1, "metric": None}) == fresh  # never validated
+    assert restore_best({"score": -1.0, "step": -1, "metric": None}) == fresh  # never validated
 
 
 def _checkpoint_cfg(out: Path, choice: str):
@@ -303,7 +310,7 @@ def test_a_failing_validation_keeps_the_checkpoint_of_its_step(voc_root, tmp_pat
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated at full-resolution multi-scale validation)")
 
-    monkeypatch.setattr(train, "validate", out_of_memory)
+    monkeypatch.setattr(engine.task, "validate", out_of_memory)
     args = _args(voc_root, out, "train.max_iters=4", "train.eval_every=2", "train.ckpt_every=4")
     with pytest.raises(RuntimeError, match="simulated"):
         train.main(args)

@@ -25,7 +25,7 @@ from core import cam as camlib
 from engine.inference import predict_seg_logits
 from engine.step import TrainStep
 from losses import TERMS
-from models import build_model, normalize
+from models import build_model
 from utils.config import add_config_arguments, load_config
 from utils.crf import crf_params, dense_crf
 from utils.errors import exit_on_user_error
@@ -90,7 +90,7 @@ def _image(size: tuple[int, int], device: torch.device) -> torch.Tensor:
 
 def bench_cam(cfg: DictConfig, device: torch.device, iters: int, size: tuple[int, int]) -> dict:
     model = build_model(cfg).to(device).eval()
-    x = normalize(_image(size, device))
+    x = model.normalize(_image(size, device))
     scales = tuple(cfg.cam.scales)
     with torch.no_grad():
         wall, cpu = _time(lambda: camlib.multiscale_cam(model, x, scales, int(cfg.cam.max_batch)), iters, device)

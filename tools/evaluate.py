@@ -1,26 +1,28 @@
 """Evaluate a run's CAMs, pseudo labels or segmentation predictions against the ground-truth masks (SPEC §5.3).
 
     python -m tools.evaluate --run-dir RUN --source cams|pseudo_labels|seg|seg_crf [--sweep] [--cam-key cam|cam_aux]
-                             [--tag T] [--log FILE] [key=value ...]
+                             [--tag T] [key=value ...]
     torchrun --nproc_per_node=4 -m tools.evaluate --run-dir RUN --source seg     (sharded, matrices all-reduced)
 
 Reads ``RUN/<source>/<split>/<id>.{npz,png}`` for every image of the split (``eval.split``, else
 ``data.val_split``) and compares it with the split's masks (``datasets.build_dataset(cfg, split, "eval")``):
 
-- ``cams``: the saved CAMs of branch ``--cam-key`` (default ``cam``) become labels by a constant background plane at
-  ``cam.bkg_thre`` (``utils.metrics.cam_to_label``). ``--sweep`` instead accumulates one confusion matrix per
-  background threshold ``eval.sweep_start..eval.sweep_stop`` (inclusive) step ``eval.sweep_step`` in one pass, reports
-  the best threshold and plots the curve. That threshold is chosen on the ground truth being scored: a GT-tuned
+- ``cams``: the saved CAMs (``core.camfile.read_cams``) of branch ``--cam-key`` (default ``cam``) become labels by a
+  constant background plane at ``cam.bkg_thre`` (``core.labels.cam_label``). ``--sweep`` instead accumulates (with
+  ``core.labels.CamThresholdSweep``, the same rule) one confusion matrix per background threshold
+  ``eval.sweep_start..eval.sweep_stop`` (inclusive) step ``eval.sweep_step`` in one pass, reports the best threshold
+  and plots the curve. That threshold is chosen on the ground truth being scored: a GT-tuned
   oracle, never a protocol number (SPEC §8 reports ``cam.bkg_thre``); the sweep JSON says so in ``note``.
-- ``pseudo_labels``: label PNGs that may hold 255 ("no label", the ignore band of SPEC §2.4/§2.5). ``miou`` counts
-  those pixels as background, a conservative score comparable with single-threshold labels; ``labelled_miou`` scores
-  only the pixels that received a label, and ``coverage`` is the fraction of valid ground-truth pixels that did.
+- ``pseudo_labels``: label PNGs that may hold ``data.ignore_index`` (255: "no label", the ignore band of SPEC
+  §2.4/§2.5). ``miou`` counts those pixels as background, a conservative score comparable with single-threshold
+  labels; ``labelled_miou`` scores only the pixels that received a label, and ``coverage`` is the fraction of valid
+  ground-truth pixels that did.
 - ``seg`` / ``seg_crf``: the prediction PNGs of ``tools.infer_seg``.
 
 Every metric comes from one int64 confusion matrix per split (mIoU over the classes with ground truth, pixel and
 mean accuracy, per-class IoU / precision / recall and FP / FN shares). Rank 0 prints the per-class table and writes
 ``RUN/eval/<name>_<split>.json`` (with ``--sweep`` also ``<name>_<split>_sweep.json`` and ``.png``), where ``<name>`` is
-the source, or ``cams_aux`` for ``--cam-key cam_aux``. With ``--log FILE`` (or ``eval.results_log``) one JSON line
+the source, or ``cams_aux`` for ``--cam-key cam_aux``. With ``eval.results_log=FILE`` one JSON line
 ``{tag, time, run, source, split, miou, ...}`` is appended to FILE (``--tag`` defaults to the name). The
 ``checkpoint`` recorded is the one ``eval.checkpoint`` resolves to now (None if the run has none).
 
@@ -49,25 +51,26 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from core.camfile import CAM_KEYS, read_cams
+from core.labels import CamThresholdSweep, cam_label
 from datasets import build_dataset
 from datasets.classes import class_names
 from utils import dist
 from utils.checkpoint import resolve_checkpoint
 from utils.config import ConfigError, add_config_arguments, config_from_args
 from utils.errors import InputError, exit_on_user_error
-from utils.io import atomic_write_json, load_npz, read_label_png
+from utils.io import atomic_write_json, read_label_png
 from utils.logging import setup_logging
-from utils.metrics import CamThresholdSweep, ConfusionMatrix, cam_to_label, format_table
+from utils.metrics import ConfusionMatrix, format_table
 from utils.outputs import split_name, sweep_temp_files
+from utils.text import preview
 from utils.visualize import plot_sweep
 
 logger = logging.getLogger("tools.evaluate")
 
 T = TypeVar("T")
 R = TypeVar("R")
-CamMaps = tuple[np.ndarray, np.ndarray]  # (cams float [K, H, W], class ids int64 [K])
-CAM_KEYS = ("cam", "cam_aux")
-MAX_LISTED = 10  # ids named in a "missing predictions" error
+CamMaps = tuple[np.ndarray, np.ndarray]  # (cams float32 [K, H, W], class ids int64 [K])
 SWEEP_NOTE = "GT-tuned threshold, oracle — not a protocol number"
 
 
@@ -105,17 +108,10 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecut
         yield pending.popleft().result()
 
 
-def read_cams(path: Path, key: str) -> CamMaps:
-    """One saved CAM file (SPEC §5.1): ``classes`` int [K] and ``key`` float16 [K, H, W]."""
-    arrays = load_npz(path)
-    missing = [name for name in ("classes", key) if name not in arrays]
-    if missing:
-        raise InputError(f"CAM file {path} lacks array(s) {missing}; it holds {sorted(arrays)}")
-    classes = arrays["classes"].astype(np.int64).reshape(-1)
-    cams = arrays[key]
-    if cams.ndim != 3 or cams.shape[0] != classes.size:
-        raise InputError(f"CAM file {path}: {key} must be [K, H, W] with K = {classes.size}, got {cams.shape}")
-    return cams, classes
+def cam_maps(path: Path, key: str, num_classes: int) -> CamMaps:
+    """Branch ``key`` of one saved CAM file (:func:`core.camfile.read_cams`): (cams [K, H, W], classes [K])."""
+    cams = read_cams(path, num_classes)
+    return cams.maps(key), cams.classes
 
 
 def png_predictions(folder: Path, ids: Sequence[str], pool: ThreadPoolExecutor, ahead: int) -> Iterator[tuple]:
@@ -125,22 +121,24 @@ def png_predictions(folder: Path, ids: Sequence[str], pool: ThreadPoolExecutor, 
 
 
 def cam_label_predictions(
-    folder: Path, ids: Sequence[str], pool: ThreadPoolExecutor, ahead: int, key: str, threshold: float
-) -> Iterator[tuple]:
-    """cams at one background threshold: yields ``(id, label uint8 [H, W])``, thresholded in the worker threads."""
+    folder: Path, ids: Sequence[str], pool: ThreadPoolExecutor, ahead: int, key: str, threshold: float,
+    num_classes: int, ignore_index: int,
+) -> Iterator[tuple]:  # fmt: skip
+    """cams at one background threshold: yields ``(id, label uint8 [H, W])``, labelled in the worker threads."""
 
     def label(name: str) -> np.ndarray:
-        cams, classes = read_cams(folder / f"{name}.npz", key)
-        return cam_to_label(cams, classes, threshold, cams.shape[1:])
+        cams, classes = cam_maps(folder / f"{name}.npz", key, num_classes)
+        return cam_label(cams, classes, threshold, ignore_index)
 
     return zip(ids, ordered_map(label, ids, pool, ahead), strict=True)
 
 
 def cam_map_predictions(
-    folder: Path, ids: Sequence[str], pool: ThreadPoolExecutor, ahead: int, key: str
+    folder: Path, ids: Sequence[str], pool: ThreadPoolExecutor, ahead: int, key: str, num_classes: int
 ) -> Iterator[tuple]:
     """cams for the threshold sweep: yields ``(id, (cams [K, H, W], classes [K]))``."""
-    return zip(ids, ordered_map(lambda name: read_cams(folder / f"{name}.npz", key), ids, pool, ahead), strict=True)
+    maps = ordered_map(lambda name: cam_maps(folder / f"{name}.npz", key, num_classes), ids, pool, ahead)
+    return zip(ids, maps, strict=True)
 
 
 def sweep_thresholds(start: float, stop: float, step: float) -> list[float]:
@@ -190,7 +188,7 @@ class LabelScorer:
 
 
 class SweepScorer:
-    """One confusion matrix per CAM background threshold (``utils.metrics.CamThresholdSweep``)."""
+    """One confusion matrix per CAM background threshold (``core.labels.CamThresholdSweep``)."""
 
     def __init__(self, num_classes: int, ignore_index: int, thresholds: Sequence[float], configured: float) -> None:
         # the configured threshold (cam.bkg_thre) joins the curve, so the same pass also gives its exact result
@@ -254,10 +252,9 @@ def check_complete(folder: Path, ids: Sequence[str], source: Source, cfg: DictCo
     if not missing:
         return
     split_arg = f" eval.split={split}" if cfg.eval.split is not None else ""
-    shown = ", ".join(missing[:MAX_LISTED]) + (", ..." if len(missing) > MAX_LISTED else "")
     raise FileNotFoundError(
         f"{len(missing)} of {len(ids)} image(s) of split {split!r} have no prediction {folder}/<id>{source.suffix}: "
-        f"{shown}. Produce them with: python -m {source.command} --run-dir {cfg.run.out_dir}{split_arg}"
+        f"{preview(missing)}. Produce them with: python -m {source.command} --run-dir {cfg.run.out_dir}{split_arg}"
     )
 
 
@@ -287,7 +284,6 @@ def evaluate(
     sweep: bool = False,
     cam_key: str | None = None,
     tag: str | None = None,
-    log: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate one source of a run (see the module docstring); collective under torchrun.
 
@@ -296,8 +292,7 @@ def evaluate(
         source: ``cams`` | ``pseudo_labels`` | ``seg`` | ``seg_crf``.
         sweep: sweep the CAM background threshold (``cams`` only).
         cam_key: ``cam`` | ``cam_aux`` (``cams`` only; None = ``cam``).
-        tag: name of the results-log line; None = the result name (e.g. ``seg``, ``cams_aux``).
-        log: results log to append to; None = ``eval.results_log`` (None there too = no log).
+        tag: name of the results-log line (``eval.results_log``); None = the result name (e.g. ``seg``, ``cams_aux``).
 
     Returns:
         The result dict written to the JSON file (the same on every rank).
@@ -335,10 +330,10 @@ def evaluate(
             ev = cfg.eval
             thresholds = sweep_thresholds(float(ev.sweep_start), float(ev.sweep_stop), float(ev.sweep_step))
             scorer: LabelScorer | SweepScorer = SweepScorer(num_classes, ignore, thresholds, threshold)
-            predictions = cam_map_predictions(folder, ids, pool, ahead, cam_key)
+            predictions = cam_map_predictions(folder, ids, pool, ahead, cam_key, num_classes)
         elif source == "cams":
             scorer = LabelScorer(num_classes, ignore, allow_unlabelled=False)
-            predictions = cam_label_predictions(folder, ids, pool, ahead, cam_key, threshold)
+            predictions = cam_label_predictions(folder, ids, pool, ahead, cam_key, threshold, num_classes, ignore)
         else:
             scorer = LabelScorer(num_classes, ignore, allow_unlabelled=source == "pseudo_labels")
             predictions = png_predictions(folder, ids, pool, ahead)
@@ -360,13 +355,13 @@ def evaluate(
     result.update(scorer.result())
     if dist.is_main_process():
         if isinstance(scorer, SweepScorer):  # a sweep also writes the plain result at cam.bkg_thre, from the same pass
-            _report(cfg, {**base, **scorer.configured_result(), "threshold": threshold}, name, False, tag, log)
-        _report(cfg, result, name, sweep, tag, log)
+            _report(cfg, {**base, **scorer.configured_result(), "threshold": threshold}, name, False, tag)
+        _report(cfg, result, name, sweep, tag)
     dist.barrier()
     return result
 
 
-def _report(cfg: DictConfig, result: dict[str, Any], name: str, sweep: bool, tag: str | None, log: Any) -> None:
+def _report(cfg: DictConfig, result: dict[str, Any], name: str, sweep: bool, tag: str | None) -> None:
     """Rank 0: table, JSON, sweep plot and results-log line."""
     out = Path(cfg.run.out_dir) / "eval"
     stem = f"{name}_{result['split']}" + ("_sweep" if sweep else "")
@@ -383,7 +378,7 @@ def _report(cfg: DictConfig, result: dict[str, Any], name: str, sweep: bool, tag
                     _pct(result["miou"]), out / f"{stem}.png")  # fmt: skip
     atomic_write_json(out / f"{stem}.json", result)
     logger.info("wrote %s", out / f"{stem}.json")
-    log_path = log if log is not None else cfg.eval.results_log
+    log_path = cfg.eval.results_log
     if log_path is not None:
         record = {"tag": tag or name, "time": result["time"], "run": result["run"], "source": result["source"],
                   "split": result["split"], "sweep": sweep}  # fmt: skip
@@ -401,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="which predictions to evaluate")
     parser.add_argument("--sweep", action="store_true", help="cams: sweep the background threshold (eval.sweep_*)")
     parser.add_argument("--cam-key", choices=CAM_KEYS, default=None, help="cams: which saved branch (default cam)")
-    parser.add_argument("--tag", default=None, help="name of the results-log line (default: the source)")
-    parser.add_argument("--log", type=Path, default=None, help="append a JSON line here (default eval.results_log)")
+    parser.add_argument("--tag", default=None, help="name of the eval.results_log line (default: the source)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     if args.source != "cams" and (args.sweep or args.cam_key is not None):
@@ -411,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = config_from_args(args)
         try:
-            evaluate(cfg, args.source, sweep=args.sweep, cam_key=args.cam_key, tag=args.tag, log=args.log)
+            evaluate(cfg, args.source, sweep=args.sweep, cam_key=args.cam_key, tag=args.tag)
             return 0
         finally:
             dist.cleanup()

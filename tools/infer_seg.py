@@ -17,7 +17,8 @@ is both the class-id PNG and the palette PNG of SPEC §5.2. ``eval.resize`` (COC
 network, as ``eval.resize_mode`` says (long_side, or square = 448x448 for COCO); logits are upsampled back, so every
 output has the image's original size.
 
-Scales, flip and fusion come from ``eval.*``. Work is sharded over torchrun ranks (``ids[rank::world]``) and is
+Scales, flip, fusion and the autocast precision (``eval.precision``, by default ``train.precision``; CUDA only)
+come from ``eval.*``. Work is sharded over torchrun ranks (``ids[rank::world]``) and is
 resumable per output folder: an image is skipped where its outputs exist, so a second run does no work, and a run
 with ``eval.crf=true`` after a plain one only does the CRF work (recomputing the logits, never requiring saved ones).
 Each folder's ``settings.json`` records what determines its outputs (checkpoint, scales, fusion, CRF parameters);
@@ -142,7 +143,7 @@ def output_settings(cfg: DictConfig, device: torch.device) -> dict:
         "resize": None if ev.resize is None else int(ev.resize),
         # None without a resize (the mode then changes nothing): full-resolution folders of earlier runs stay resumable.
         "resize_mode": None if ev.resize is None else resize_mode,
-        "precision": autocast_name(device, str(cfg.train.precision)),
+        "precision": autocast_name(device, str(cfg.eval.precision)),
     }
 
 
@@ -178,7 +179,7 @@ def network_stage(
             name, image = item["name"][0], item["img"][0]
             gt = item["mask"][0].numpy() if "mask" in item else None
             tick = time.perf_counter()
-            with autocast(device, str(cfg.train.precision)):
+            with autocast(device, str(cfg.eval.precision)):
                 logits = predict_seg_logits(model, image.to(device)[None], tuple(ev.scales), bool(ev.flip),
                                             str(ev.flip_fusion), str(ev.scale_fusion), ev.resize,
                                             resize_mode=str(ev.resize_mode))[0]  # fmt: skip

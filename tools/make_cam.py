@@ -8,9 +8,12 @@ For every image of the split (``eval.split``, else ``data.val_split``) at full r
 labels — the standard protocol for CAM evaluation and pseudo labels), ``cam`` and ``cam_aux`` float16 [K, H, W] in
 [0, 1] (multi-scale + flip, ``cam.scales``). Images without a present class get K = 0 arrays.
 
+The file format (its writer and reader) is ``core/camfile.py``.
+
 Optional memory fusion (SPEC §4.5, ``memory.fuse_lambda`` = λ > 0, default off): S = the bank similarity of the
 scale-1.0 final tokens (``model.memory.similarity``), bilinearly upsampled to H × W; both branches become
-CAM + λ·S, renormalised per class to [0, 1] like §2.1 (subtract the spatial min, divide by max + 1e-5).
+CAM + λ·S (``models.memory.fuse_similarity``), renormalised per class to [0, 1] like §2.1
+(``core.cam.normalise_per_class``: subtract the spatial min, divide by max + 1e-5).
 
 Work is sharded over ranks (``ids[rank::world]``); images whose file exists are skipped (an interrupted export
 resumes, a finished one does nothing); files are written atomically, and temporary files a killed export left are
@@ -24,51 +27,25 @@ import logging
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from core.cam import multiscale_cam
+from core.cam import multiscale_cam, normalise_per_class, round_to_patch
+from core.camfile import write_cams
 from datasets import build_dataset, collate_eval
 from engine.inference import autocast
 from engine.step import label_cam_precision
-from models import MSFC, fuse_similarity, load_trained_model, normalize
+from models import MSFC, fuse_similarity, load_trained_model
 from utils import dist
 from utils.checkpoint import checkpoint_identity
 from utils.config import ConfigError
-from utils.io import save_npz
 from utils.logging import setup_logging
 from utils.outputs import output_dir, pending_indices, prepare_outputs, run_tool, split_name
 
 logger = logging.getLogger("tools.make_cam")
-
-# §2.1 renormalisation constant, reused for the fused maps so they lie in [0, 1] like unfused ones.
-_NORM_EPS = 1e-5
-
-
-def renormalise(cam: torch.Tensor) -> torch.Tensor:
-    """Per image and class: subtract the spatial min, divide by (spatial max + 1e-5) (SPEC §2.1). [B, C, H, W]."""
-    cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
-    return cam / (cam.amax(dim=(-2, -1), keepdim=True) + _NORM_EPS)
-
-
-def fuse_memory(cam: torch.Tensor, similarity: torch.Tensor, lam: float) -> torch.Tensor:
-    """``renormalise(CAM + λ·S)`` with S bilinearly resized to the CAM (SPEC §4.5 inference fusion).
-
-    Args:
-        cam: [B, C_fg, H, W] multi-scale CAM in [0, 1].
-        similarity: [B, C_fg, h, w] bank similarity (``MemoryBank.similarity``), in [0, 1).
-        lam: λ; 0 returns ``cam`` unchanged.
-
-    Returns:
-        [B, C_fg, H, W] in [0, 1].
-    """
-    if lam == 0:
-        return cam
-    return renormalise(fuse_similarity(cam, similarity, lam))
 
 
 @torch.no_grad()
@@ -84,30 +61,11 @@ def memory_similarity(model: MSFC, x: torch.Tensor, labels: torch.Tensor) -> tor
         S, [B, C_fg, h, w] at token resolution.
     """
     patch = model.patch_size
-    size = [max(patch, int(np.floor(side / patch + 0.5)) * patch) for side in x.shape[-2:]]
+    size = [round_to_patch(side, patch) for side in x.shape[-2:]]
     if list(x.shape[-2:]) != size:
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     tokens = model(x, with_seg=False).tokens.float()
     return model.memory.similarity(tokens, labels.to(tokens.device))
-
-
-def cam_arrays(cam: torch.Tensor, cam_aux: torch.Tensor, label: torch.Tensor) -> dict[str, np.ndarray]:
-    """The file content of one image: its present classes and their float16 maps.
-
-    Args:
-        cam: [C_fg, H, W] CAM in [0, 1].
-        cam_aux: [C_fg, H, W] auxiliary CAM in [0, 1].
-        label: [C_fg] multi-hot image label.
-
-    Returns:
-        ``{"classes": int16 [K], "cam": float16 [K, H, W], "cam_aux": float16 [K, H, W]}``.
-    """
-    present = torch.nonzero(label > 0.5).flatten().to(cam.device)
-    return {
-        "classes": (present + 1).cpu().numpy().astype(np.int16),
-        "cam": cam[present].float().cpu().numpy().astype(np.float16),
-        "cam_aux": cam_aux[present].float().cpu().numpy().astype(np.float16),
-    }
 
 
 def settings(cfg: DictConfig) -> dict:
@@ -149,14 +107,15 @@ def export_cams(cfg: DictConfig) -> dict:
         precision = label_cam_precision(str(cfg.cam.precision), str(cfg.train.precision))
         with tqdm(loader, desc=f"cams {split}", disable=rank != 0, dynamic_ncols=True) as progress:
             for item in progress:
-                x = normalize(item["img"][0].to(device)[None])
+                x = model.normalize(item["img"][0].to(device)[None])
                 label = item["label"][0].to(device)[None]
                 with autocast(device, precision):
                     cam, cam_aux = multiscale_cam(model, x, scales, max_batch)
                     if lam > 0:
                         sim = memory_similarity(model, x, label)
-                        cam, cam_aux = fuse_memory(cam, sim, lam), fuse_memory(cam_aux, sim, lam)
-                save_npz(folder / f"{item['name'][0]}.npz", cam_arrays(cam[0], cam_aux[0], label[0]))
+                        cam = normalise_per_class(fuse_similarity(cam, sim, lam))
+                        cam_aux = normalise_per_class(fuse_similarity(cam_aux, sim, lam))
+                write_cams(folder / f"{item['name'][0]}.npz", cam[0], cam_aux[0], label[0])
     seconds = time.time() - start
     counts = dist.all_gather_object((len(todo), skipped, seconds))  # also the final barrier
     processed, skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=N -m tools.make_pseudo_labels --run-dir RUN [key=value ...]
 
 Reads the ``pseudo.cam_key`` branch of ``RUN/cams/<split>/<id>.npz`` and writes ``RUN/pseudo_labels/<split>/<id>.png``
-(VOC colour map; 0 background, class ids, 255 ignore):
+(VOC colour map; 0 background, class ids, ``data.ignore_index`` (255) ignore), every label made by
+``core.pseudo_labels.hard_label`` (the steps of ``core.pseudo_labels.pseudo_label``, with DenseCRF streamed):
 
 - single threshold (``pseudo.dual: false``): background plane at ``pseudo.bkg_thre`` (null ⇒ ``cam.bkg_thre``) +
   the class-masked CAMs → arg-max, background winning ties;
@@ -38,13 +39,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from core.camfile import CAM_KEYS, read_cams
 from core.pseudo_labels import (
-    IGNORE_INDEX,
     SOFT_DTYPES,
     check_image,
+    hard_label,
     label_thresholds,
-    labels_from_stacks,
-    load_cams,
+    rgb01,
     score_stacks,
     soft_label,
     stack_probabilities,
@@ -57,12 +58,9 @@ from utils.crf import CRFPool, crf_params
 from utils.io import read_image, save_label_png, save_npz
 from utils.logging import setup_logging
 from utils.outputs import output_dir, pending_indices, prepare_outputs, run_tool, split_name
+from utils.text import preview
 
 logger = logging.getLogger("tools.make_pseudo_labels")
-
-CAM_KEYS = ("cam", "cam_aux")
-# How many offending ids an error message lists.
-SHOW_IDS = 5
 
 
 @dataclass
@@ -123,13 +121,18 @@ def settings(cfg: DictConfig, opts: Options) -> dict:
 
 @dataclass
 class Prepared:
-    """One image on its way through the pipeline: stacks [S, K+1, H, W] (raw scores, or probabilities)."""
+    """One image on its way through the pipeline.
+
+    ``cam`` [K, H, W] are the CAMs of the ``classes`` [K]; ``probs`` [S, K+1, H, W] the refined probabilities of the
+    stacks at ``Options.thresholds`` (None when nothing is refined, or K = 0); ``image`` uint8 [H, W, 3] when DenseCRF
+    refines the item (its jobs are sent by :meth:`Pipeline.crf_stream`), else None.
+    """
 
     index: int
     name: str
     classes: np.ndarray
-    stacks: torch.Tensor | np.ndarray
-    is_prob: bool
+    cam: torch.Tensor
+    probs: torch.Tensor | np.ndarray | None
     image: np.ndarray | None
 
 
@@ -142,35 +145,34 @@ def cam_folder(cfg: DictConfig, split: str, ids: list[str]) -> Path:
     on_disk = {p.stem for p in folder.glob("*.npz")}
     missing = [i for i in ids if i not in on_disk]
     if missing:
-        shown = ", ".join(missing[:SHOW_IDS]) + (f", ... ({len(missing)} in all)" if len(missing) > SHOW_IDS else "")
         raise FileNotFoundError(
-            f"{len(missing)} id(s) of split {split!r} have no CAM file {folder}/<id>.npz: {shown}; "
+            f"{len(missing)} id(s) of split {split!r} have no CAM file {folder}/<id>.npz: {preview(missing)}; "
             f"finish the export with `{command}`"
         )
     return folder
 
 
 class Pipeline:
-    """CAM file → stacks (→ PAR) (→ DenseCRF) → hard label (+ soft label), one image at a time."""
+    """CAM file (→ stacks → PAR) (→ DenseCRF) → hard label (+ soft label), one image at a time."""
 
     def __init__(self, cfg: DictConfig, opts: Options, device: torch.device) -> None:
         self.opts = opts
         self.device = device
+        self.num_classes = int(cfg.data.num_classes)
+        self.ignore_index = int(cfg.data.ignore_index)
         self.par = PAR(tuple(int(d) for d in cfg.par.dilations), int(cfg.par.num_iter)) if opts.par else None
         self.crf_params = crf_params(cfg) if opts.crf else None
         self.refine = opts.par or opts.crf
 
     def prepare(self, index: int, name: str, cam_path: Path, image_path: Path) -> Prepared:
-        classes, cam, cam_aux = load_cams(cam_path)
-        maps = torch.from_numpy(cam if self.opts.cam_key == "cam" else cam_aux).to(self.device)
-        thresholds = self.opts.thresholds
-        if not self.refine or len(classes) == 0:  # K = 0: every stack is the background plane alone
-            return Prepared(index, name, classes, score_stacks(maps, thresholds), False, None)
+        cams = read_cams(cam_path, self.num_classes)
+        maps = torch.from_numpy(cams.maps(self.opts.cam_key)).to(self.device)
+        if not self.refine or len(cams.classes) == 0:  # K = 0: nothing to refine, every pixel is background
+            return Prepared(index, name, cams.classes, maps, None, None)
         image = read_image(image_path)
         check_image(image, tuple(maps.shape[-2:]), f"image {image_path} (CAM file {cam_path})")
-        image01 = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float() / 255.0
-        probs = stack_probabilities(maps, thresholds, image01, self.par)
-        return Prepared(index, name, classes, probs, True, image if self.crf_params is not None else None)
+        probs = stack_probabilities(maps, self.opts.thresholds, rgb01(image, self.device), self.par)
+        return Prepared(index, name, cams.classes, maps, probs, image if self.crf_params is not None else None)
 
     def crf_stream(self, items: Iterable[Prepared], pool: CRFPool) -> Iterator[Prepared]:
         """Refine every stack of every item through ``pool`` (lazily, bounded by the pool), in order."""
@@ -181,18 +183,18 @@ class Pipeline:
             for item in items:
                 waiting.append(item)
                 if item.image is not None:
-                    for s, prob in enumerate(item.stacks.cpu().numpy()):
+                    for s, prob in enumerate(item.probs.cpu().numpy()):
                         yield (item.index, s), item.image, prob
 
         def complete(item: Prepared) -> bool:  # items without an image (K = 0) send no job
-            return item.image is None or len(done.get(item.index, ())) == len(item.stacks)
+            return item.image is None or len(done.get(item.index, ())) == len(item.probs)
 
         def ready() -> Iterator[Prepared]:
             # results arrive in job order, so only the oldest waiting item can be the next to complete
             while waiting and complete(waiting[0]):
                 item = waiting.popleft()
                 if item.image is not None:
-                    item.stacks = np.stack(done.pop(item.index))
+                    item.probs = np.stack(done.pop(item.index))
                 yield item
 
         for (index, _), refined in pool.imap(jobs()):
@@ -202,12 +204,15 @@ class Pipeline:
 
     def finish(self, item: Prepared) -> tuple[np.ndarray, dict | None]:
         """(hard label uint8 [H, W], soft-label arrays or None)."""
-        label = labels_from_stacks(item.stacks, item.classes, self.opts.dual)
-        if not self.opts.soft:
+        opts = self.opts
+        label = hard_label(item.cam, item.classes, opts.thresholds, opts.dual, item.probs, self.ignore_index)
+        if not opts.soft:
             return label, None
-        stack = torch.as_tensor(item.stacks[self.opts.soft_stack]).float()
-        prob = stack if item.is_prob else stack.softmax(dim=0)
-        return label, soft_label(prob, item.classes, self.opts.soft_dtype)
+        if item.probs is not None:
+            prob = torch.as_tensor(item.probs[opts.soft_stack]).float()
+        else:
+            prob = score_stacks(item.cam, (opts.bkg_thre,))[0].softmax(dim=0)
+        return label, soft_label(prob, item.classes, opts.soft_dtype)
 
 
 def make_pseudo_labels(cfg: DictConfig) -> dict:
@@ -250,11 +255,8 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
                 if soft is not None:
                     save_npz(folder / "soft" / f"{item.name}.npz", soft)
                 save_label_png(folder / f"{item.name}.png", label)
-                pixels += (
-                    label.size,
-                    int((label == IGNORE_INDEX).sum()),
-                    int(((label > 0) & (label < IGNORE_INDEX)).sum()),
-                )
+                ignored = label == pipeline.ignore_index
+                pixels += (label.size, int(ignored.sum()), int(((label > 0) & ~ignored).sum()))
     seconds = time.time() - start
     counts = dist.all_gather_object((len(todo), skipped, seconds, pixels.tolist()))  # also the final barrier
     processed, skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)

@@ -35,6 +35,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from datasets.base import IGNORE_INDEX
 from datasets.classes import COCO_ID_TO_LABEL
 from datasets.coco import COCO_LAYOUT, val_part_ids  # the one rule and the label-file path, shared with the reader
 from utils.errors import exit_on_user_error
@@ -42,7 +43,6 @@ from utils.io import atomic_write_text, save_label_png
 
 logger = logging.getLogger(__name__)
 
-IGNORE = 255
 SPLITS = ("train", "val")
 # Fixed in-training validation subset of val2014 (SPEC §7).
 LAYOUT_HINT = (
@@ -111,7 +111,7 @@ def coco_label_map(instances: Sequence[Instance], height: int, width: int) -> np
     for _, _, class_label, mask in sorted(painted, key=lambda item: item[:2]):
         label[mask] = class_label
         covered |= mask
-    label[crowd & ~covered] = IGNORE
+    label[crowd & ~covered] = IGNORE_INDEX
     return label
 
 

@@ -20,16 +20,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from datasets.base import mask_classes, preview_ids, read_id_list, scan_ids
+from datasets.base import mask_classes, read_id_list, scan_ids
 from datasets.voc import AUG_MASK_DIR, VOC_LAYOUT, derive_voc_ids
 from utils.io import probe_image
+from utils.text import preview
 
 # Folders every use needs (images, lists, official masks) and the aug masks that the default train_aug split needs.
 REQUIRED_DIRS = (VOC_LAYOUT.image_dir, "ImageSets/Segmentation", *VOC_LAYOUT.mask_dirs)
 REQUIRED_LISTS = ("train", "val")
 OPTIONAL_LISTS = ("train_aug", "test")
 SPLITS_WITH_MASKS = ("train_aug", "train", "val")
-SHOW = 5
 
 
 @dataclass
@@ -132,21 +132,21 @@ def check_voc(root: str | Path, deep: bool = False) -> Report:
         no_image = [i for i in ids if i not in images]
         if no_image:
             report.errors.append(
-                f"{split}: {len(no_image)} id(s) without image {VOC_LAYOUT.image_dir}/<id>.jpg: {preview_ids(no_image)}"
+                f"{split}: {len(no_image)} id(s) without image {VOC_LAYOUT.image_dir}/<id>.jpg: {preview(no_image)}"
             )
         if split in SPLITS_WITH_MASKS:
             no_mask = [i for i in ids if i not in masks]
             if no_mask:
                 report.errors.append(
                     f"{split}: {len(no_mask)} id(s) without mask in {' or '.join(VOC_LAYOUT.mask_dirs)}: "
-                    f"{preview_ids(no_mask)}"
+                    f"{preview(no_mask)}"
                 )
     if deep:
         _deep_check(split_ids, images, masks, report)
     if "train_aug" in split_ids and "val" in split_ids:
         leaked = sorted(set(split_ids["train_aug"]) & set(split_ids["val"]))
         if leaked:
-            report.errors.append(f"train_aug contains {len(leaked)} val id(s): {preview_ids(leaked)}")
+            report.errors.append(f"train_aug contains {len(leaked)} val id(s): {preview(leaked)}")
     for split, count in report.counts.items():
         expected = VOC_LAYOUT.expected_counts.get(split)
         if expected is not None and count != expected:

@@ -38,6 +38,7 @@ from torch import nn
 from utils import dist
 from utils.errors import UserError
 from utils.io import atomic_path
+from utils.text import preview
 
 logger = logging.getLogger(__name__)
 
@@ -327,11 +328,7 @@ def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], source
     unexpected = sorted(set(state) - set(own))
     reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
-
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-        parts = [f"{name}: {show(keys)}" for name, keys in
+        parts = [f"{name}: {preview(keys)}" for name, keys in
                  (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped)) if keys]  # fmt: skip
         raise CheckpointError(
             f"checkpoint {source} does not match this {type(target).__name__} (a different backbone, number of "
@@ -477,12 +474,20 @@ def remove_partial_files(run_dir: str | Path) -> list[Path]:
 
 # eval.checkpoint names -> file in RUN/checkpoints/. best_cam / best_seg are chosen on the validation split during
 # training (tools/train.py), so a number reported on that split from them is tuned on it; `last` is the protocol.
-CHECKPOINT_FILES = {"last": "last.pth", "best_cam": "best_cam.pth", "best_seg": "best_seg.pth"}
+CHECKPOINT_FILES = {"last": LAST, "best_cam": "best_cam.pth", "best_seg": "best_seg.pth"}
 
 # The deprecated alias `best`, in order of preference; best.pth is what run folders trained before the split wrote.
 BEST_ALIAS_FILES = ("best_seg.pth", "best_cam.pth", "best.pth", "last.pth")
 
 _warned_alias: set[Path] = set()
+
+
+def best_file(metric: str) -> str:
+    """The checkpoint holding the best score of validation metric ``metric`` so far: ``cam_miou`` -> ``best_cam.pth``.
+
+    Each metric keeps its own best: a CAM mIoU and a segmentation mIoU are not comparable numbers.
+    """
+    return f"best_{metric.removesuffix('_miou')}.pth"
 
 
 def resolve_checkpoint(cfg: DictConfig) -> Path:

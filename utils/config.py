@@ -1,4 +1,4 @@
-"""Configuration: ``configs/base.yaml`` + an experiment file (+ its ``_base_`` chain) + ``key=value`` overrides.
+"""Configuration: ``configs/base.yaml`` <- experiment files (each with its ``_base_`` chain) <- ``key=value`` overrides.
 
 ``configs/base.yaml`` is the schema: every key the code reads. Anything else is rejected with the nearest valid key,
 a value whose type contradicts the schema is rejected, and keys left at ``???`` must be set. Values are then checked
@@ -9,8 +9,9 @@ against :data:`RULES` (positive counts, probabilities in [0, 1], the choices of 
 A resumed training run compares its config with the one its checkpoint was trained with (:func:`config_changes`):
 only the keys of :data:`RESUME_MAY_CHANGE` may differ unless ``train.resume_allow_changes`` names the others.
 
-Command line (all tools): ``--config FILE`` or ``--run-dir RUN_DIR``, then ``key=value`` overrides, e.g.
-``python -m tools.train --config configs/voc.yaml data.root=/data/VOC2012 train.max_iters=100``.
+Command line (all tools): ``--config FILE`` (repeatable: the files are layered in order, later wins) or
+``--run-dir RUN_DIR``, then ``key=value`` overrides, e.g.
+``python -m tools.train --config configs/voc.yaml --config my.yaml data.root=/data/VOC2012 train.max_iters=100``.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ RULES: dict[str, Rule] = {
     "run.seed": COUNT,
     "run.device": _choices("auto", "cpu", "cuda"),
     "run.num_threads": COUNT,
-    "data.name": _choices("voc", "coco"),
+    # a layout of datasets.LAYOUTS (voc, coco, or one registered by an extension; build_dataset names the choices)
+    "data.name": Rule("a dataset layout name such as voc or coco", lambda v: isinstance(v, str) and v.isidentifier()),
     "data.num_classes": _int_from(2, "an integer >= 2 (background and at least one class)"),
     "data.crop_size": POSITIVE_INT,
     "data.scale_range": _range(0.0, INF, "a [low, high] pair with 0 < low <= high"),
@@ -186,6 +188,8 @@ RULES: dict[str, Rule] = {
     "views.local.neg_roi_thre": UNIT,
     "views.smcm.scale": POSITIVE,
     "model.pos_embed_resample": _choices("bicubic", "timm"),
+    "model.norm_stats": _choices("imagenet", "pretrained"),
+    "eval.precision": _choices("fp32", "bf16", "fp16"),
     "model.decoder_*": POSITIVE_INT,
     "model.proj_*_dim": POSITIVE_INT,
     "model.teacher_momentum": UNIT,
@@ -260,35 +264,76 @@ def rule_for(key: str) -> Rule | None:
     return next((rule for pattern, rule in RULES.items() if fnmatch.fnmatchcase(key, pattern)), None)
 
 
+def _positive_patch(value: Any) -> int | None:
+    """A patch size given as ``N`` or as a square ``[N, N]`` pair (timm accepts both); None otherwise."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    return value if _integer(value) and value > 0 else None
+
+
 def backbone_patch(model: Mapping[str, Any]) -> tuple[int, str] | None:
     """``(patch size, where it comes from)`` of a ``model`` config section, or None when it cannot be told.
 
-    ``model.backbone_kwargs.patch_size`` when given, else the ``patch<N>`` of a timm name such as
-    ``vit_base_patch16_224``.
+    ``model.backbone_kwargs.patch_size`` when given (``N`` or ``[N, N]``), else the ``patch<N>`` of a timm name such
+    as ``vit_base_patch16_224`` or the DINOv2 ``vit_base_patch14_dinov2.lvd142m`` (patch 14).
     """
     kwargs = model.get("backbone_kwargs") or {}
     if "patch_size" in kwargs:
-        patch = kwargs["patch_size"]
-        return (patch, "model.backbone_kwargs.patch_size") if _integer(patch) and patch > 0 else None
+        patch = _positive_patch(kwargs["patch_size"])
+        return None if patch is None else (patch, "model.backbone_kwargs.patch_size")
     match = _PATCH_IN_NAME.search(str(model.get("backbone", "")))
     return (int(match.group(1)), f"model.backbone {model.get('backbone')!r}") if match else None
 
 
+def _nearby_multiples(value: int, multiple: int) -> str:
+    """The multiples of ``multiple`` on either side of ``value``, for an error's hint: ``'e.g. 84 or 98'``."""
+    below = value // multiple * multiple
+    return "e.g. " + " or ".join(str(v) for v in (below, below + multiple) if v > 0)
+
+
+def _size_rules(cfg: Mapping[str, Any], patch: int) -> Iterator[tuple[str, Any, int, str]]:
+    """``(key, value, multiple, why)`` for every image side the training step feeds the backbone.
+
+    Mirrors ``engine/step.py``: the main view (and G2) is the crop itself; with ``loss.weight.smc > 0``
+    ``core/views.py`` ``smcm_views`` cuts it into 4 quadrants of ``data.crop_size / 2``; with ``loss.weight.ctc > 0``
+    ``cut_crops`` cuts local crops of ``views.local.size``. The SMCM rescaled view needs no rule: its side is
+    ``round_to_patch(data.crop_size * views.smcm.scale)``, whole patches by construction (as the multi-scale CAMs).
+    """
+    crop, local = cfg["data"]["crop_size"], cfg["views"]["local"]["size"]
+    weight = cfg["loss"]["weight"]
+    yield "data.crop_size", crop, patch, "the main view must tile into whole patches"
+    if weight.get("smc", 0) > 0:
+        yield (
+            "data.crop_size",
+            crop,
+            2 * patch,
+            "SMCM, on while loss.weight.smc > 0, cuts the crop into 4 quadrants of data.crop_size / 2 px, "
+            "which must tile into whole patches",
+        )
+    if weight.get("ctc", 0) > 0:
+        yield "views.local.size", local, patch, "CTC's local crops, on while loss.weight.ctc > 0, go through the ViT"
+
+
 def check_crop_sizes(cfg: Mapping[str, Any]) -> None:
-    """The crop rule (SPEC §3): ``data.crop_size`` a multiple of 2·patch (SMCM cuts the crop into 4 quadrants of
-    whole patches), ``views.local.size`` a multiple of the patch. Skipped when the patch size cannot be told."""
+    """The crop rule (SPEC §3): every side the backbone sees is a whole number of patches (:func:`_size_rules`):
+    ``data.crop_size`` a multiple of the patch (of 2·patch with SMCM on), ``views.local.size`` a multiple of the patch
+    with CTC on. Skipped when the patch size cannot be told (:func:`backbone_patch`).
+
+    Raises:
+        ConfigError: naming the key, its value, the patch size and where it comes from, and valid values nearby.
+    """
     found = backbone_patch(cfg["model"])
     if found is None:
         return
     patch, source = found
-    crop, local = cfg["data"]["crop_size"], cfg["views"]["local"]["size"]
-    if _integer(crop) and crop % (2 * patch):
+    for key, value, multiple, why in _size_rules(cfg, patch):
+        if not _integer(value) or value % multiple == 0:
+            continue
+        size = f"the patch size {patch}" if multiple == patch else f"2·patch = {multiple}"
         raise ConfigError(
-            f"data.crop_size must be a multiple of 2·patch = {2 * patch} (the 4 SMCM quadrants must tile into whole "
-            f"patches; patch {patch} from {source}), got {crop}"
+            f"{key} must be a multiple of {size} ({why}; patch {patch} from {source}), got {value}; "
+            f"{_nearby_multiples(value, multiple)}"
         )
-    if _integer(local) and local % patch:
-        raise ConfigError(f"views.local.size must be a multiple of the patch size {patch} (from {source}), got {local}")
 
 
 def check_values(cfg: Mapping[str, Any]) -> None:
@@ -375,12 +420,17 @@ def covers(entry: str, key: str) -> bool:
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Every leaf whose value differs between two resolved configs: ``{key: (saved value, current value)}``.
 
-    A key present in only one of them maps to :data:`ABSENT` on the other side.
+    A key present in only one of them maps to :data:`ABSENT` on the other side. A key the saved config lacks whose
+    current value is its ``configs/base.yaml`` default is no change: keys are added to the schema with the default
+    that reproduces the behaviour from before they existed (e.g. ``model.norm_stats: imagenet``).
     """
     old, new = dict(_all_leaves(saved)), dict(_all_leaves(current))
+    defaults = _schema()
     changes = {}
     for key in sorted(old.keys() | new.keys()):
         before, after = old.get(key, ABSENT), new.get(key, ABSENT)
+        if before is ABSENT and key in defaults and after == defaults[key]:
+            continue
         if before != after:
             changes[key] = (before, after)
     return changes
@@ -395,6 +445,35 @@ def format_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{key}: {show(old)} -> {show(new)}" for key, (old, new) in changes.items())
 
 
+def _flow_slip(node: Any) -> str | None:
+    """The first ``key:value`` written without a space in a flow mapping, at any depth, or None.
+
+    YAML reads ``{depth:4}`` as the key ``'depth:4'`` with a null value (a plain scalar may contain ``:``), so the
+    intended ``depth`` would silently keep its default. Such a key is never meant: it is reported instead.
+    """
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if value is None and isinstance(key, str) and ":" in key:
+                return key
+            found = _flow_slip(value)
+            if found is not None:
+                return found
+    elif isinstance(node, (list, tuple)):
+        return next((found for found in map(_flow_slip, node) if found is not None), None)
+    return None
+
+
+def _check_flow_slips(data: Any, source: str) -> None:
+    """Reject the ``{key:value}`` slip of :func:`_flow_slip` in ``data``, naming ``source`` and the fix."""
+    key = _flow_slip(data)
+    if key is not None:
+        name, value = key.split(":", 1)
+        raise ConfigError(
+            f"{source} has the key {key!r} with no value (YAML reads {{{key}}} as one key); "
+            f"write {{{name}: {value}}} (a space after the colon)"
+        )
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -405,6 +484,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             raise ConfigError(f"cannot parse config file {path}: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    _check_flow_slips(data, f"config file {path}")
     return data
 
 
@@ -421,15 +501,59 @@ def _file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dic
     return [*chain, (path, data)]
 
 
+ConfigPaths = str | Path | Sequence[str | Path] | None
+
+
+def _as_paths(paths: ConfigPaths) -> list[Path]:
+    """``None`` | one path | a sequence of paths, as a list."""
+    if paths is None:
+        return []
+    if isinstance(paths, (str, Path)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def config_files(paths: ConfigPaths) -> list[tuple[Path, dict[str, Any]]]:
+    """The files merged over base.yaml for the experiment files ``paths``, in merge order (later wins).
+
+    Each path contributes its ``_base_`` chain (furthest ancestor first) and then itself. A file that the combined
+    chain reaches twice (``--config a.yaml --config b.yaml`` where b's ``_base_`` is a) is merged once, at its first
+    position: merging it again would silently undo whatever the files between the two positions set. So
+    ``train_run_COCO.sh --config configs/toco_coco.yaml`` (whose ``_base_`` is coco.yaml) merges coco.yaml <-
+    toco_coco.yaml, and a repeated ``--config`` of a file already merged changes nothing.
+    """
+    merged: dict[Path, dict[str, Any]] = {}
+    for path in _as_paths(paths):
+        for file, data in _file_chain(path):
+            merged.setdefault(file, data)
+    return list(merged.items())
+
+
+def _parse_value(item: str, raw: str) -> Any:
+    """The YAML value of the override ``item`` (whose text after ``=`` is ``raw``)."""
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError) as err:  # an unclosed [ or {, or a list split by the shell at a space
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"command-line override {item!r}: the value is not valid YAML ({reason}); check its brackets, and "
+            f"quote an override with spaces whole in the shell, e.g. 'cam.scales=[1.0, 0.5]'"
+        ) from err
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; on a command line it means a number
+    _check_flow_slips(value, f"command-line override {item!r}")
+    return value
+
+
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"command-line override {item!r} must look like key=value (e.g. train.max_iters=100)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; on a command line it means a number
+        value = _parse_value(item, raw)
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -440,21 +564,25 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), require: bool = True) -> DictConfig:
-    """Build the read-only config: base.yaml <- ``path`` (and its ``_base_`` chain) <- ``overrides``.
+def load_config(paths: ConfigPaths = None, overrides: Sequence[str] = (), require: bool = True) -> DictConfig:
+    """Build the read-only config: base.yaml <- each of ``paths`` (with its ``_base_`` chain) <- ``overrides``.
 
     Args:
-        path: an experiment YAML file (or a run's saved ``config.yaml``); None = base.yaml alone.
-        overrides: ``key=value`` strings; values are parsed as YAML (``[1, 2]``, ``null``, ``1e-4``).
+        paths: experiment YAML files (or a run's saved ``config.yaml``), layered in order, later wins; one path or
+            None (= base.yaml alone) also do. A file reached twice is merged once, at its first position
+            (:func:`config_files`).
+        overrides: ``key=value`` strings; values are parsed as YAML (``[1, 2]``, ``null``, ``1e-4``,
+            ``{depth: 4}``).
         require: raise if a ``???`` key is still unset.
 
     Raises:
         ConfigError: an unknown key (with the nearest valid one), a wrongly typed value, a missing file, an unset
-            required key, or a value that breaks a rule of :data:`RULES` / the crop rule (naming key and rule).
+            required key, a ``{key:value}`` written without its space, or a value that breaks a rule of
+            :data:`RULES` / the crop rule (naming key and rule).
     """
     schema = _schema()
     cfg = OmegaConf.create(_read_yaml(BASE_CONFIG))
-    layers = [] if path is None else [(str(p), data) for p, data in _file_chain(Path(path))]
+    layers = [(str(path), data) for path, data in config_files(paths)]
     layers.append(("the command line", _parse_overrides(overrides)))
     for source, data in layers:
         _validate(data, schema, source)
@@ -493,9 +621,19 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The shared command line: ``--config FILE`` | ``--run-dir RUN_DIR`` followed by ``key=value`` overrides."""
+    """The shared command line: ``--config FILE`` (repeatable) | ``--run-dir RUN_DIR``, then ``key=value`` overrides.
+
+    ``args.config`` is the list of files in the order given (None without ``--config``); :func:`load_config` layers
+    them, later wins.
+    """
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--config", type=Path, help="experiment YAML (merged over configs/base.yaml)")
+    source.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        help="experiment YAML merged over configs/base.yaml (with its _base_ chain); repeat it to layer files, "
+        "later wins: --config a.yaml --config b.yaml = base <- a <- b",
+    )
     source.add_argument("--run-dir", dest="run", type=Path, help="a run folder; its config.yaml is reloaded")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_iters=100")
 
