@@ -10,6 +10,9 @@ needs it — weight 0 or before its start ⇒ not computed):
 2. one forward per distinct input size over all views of that size — main view, SMCM rotation and G2 (and G1 when
    main is clean) share the crop size, so they run as one batch; the SMCM rescaled view, the SMCM quadrants and the
    local crops each run as one batch;
+   Each phase runs under a ``torch.profiler.record_function`` label (``step/cams``, ``step/views``,
+   ``step/forward/<views>``, ``step/term/<name>``, ``step/combine``): free unless a profiler is recording, and how
+   ``tools/benchmark.py`` breaks a step down;
 3. the loss terms, one method each (``TrainStep.terms``: name -> ``fn(ctx) -> tensor``); ``losses.combine`` sums them
    once with their weights. A new term is a loss module, a method here and its keys under ``loss.*``
    (docs/design.md, "How to extend").
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+from torch.profiler import record_function
 
 from core import cam as camlib
 from core import labels as lablib
@@ -139,7 +143,8 @@ def forward_grouped(model: nn.Module, views: Mapping[str, torch.Tensor], seg_vie
     outputs: dict[str, MSFCOutput] = {}
     for names in groups.values():
         batch = torch.cat([views[name] for name in names]) if len(names) > 1 else views[names[0]]
-        out = model(batch, with_seg=seg_view in names)
+        with record_function(f"step/forward/{'+'.join(names)}"):
+            out = model(batch, with_seg=seg_view in names)
         start = 0
         for name in names:
             stop = start + views[name].shape[0]
@@ -232,22 +237,25 @@ class TrainStep:
         s, active, bare = self.settings, set(self.active(step)), unwrap(model)
         crop01 = batch["img"].float() / 255.0  # [B, 3, S, S] the clean crop
         labels = batch["label"].float()  # [B, C_fg]
-        main = self.views.main(crop01, batch["img_box"], generator)
-        x = bare.normalize(main.images01, check_range=False)  # [0, 1] by construction: no device sync
+        with record_function("step/views"):
+            main = self.views.main(crop01, batch["img_box"], generator)
+            x = bare.normalize(main.images01, check_range=False)  # [0, 1] by construction: no device sync
 
         cam = cam_aux = None
         if active & set(CAM_TERMS) or s.use_memory:
-            with torch.no_grad(), autocast(self.device, s.cam_precision):
+            with record_function("step/cams"), torch.no_grad(), autocast(self.device, s.cam_precision):
                 cam, cam_aux = camlib.multiscale_cam(bare, x, s.cam_scales, s.cam_max_batch)
             mask = labels[:, :, None, None]
             cam, cam_aux = cam.float() * mask, cam_aux.float() * mask  # [B, C_fg, S, S] in [0, 1]
 
         views, negative = {"main": x}, None
-        if "smc" in active:
-            views.update(self.views.smcm(x, bare.patch_size))
-        if "ctc" in active:
-            ctc_views, negative = self.views.ctc(main, batch["g2"].float() / 255.0, cam_aux, s.high, s.low, generator)
-            views.update({name: bare.normalize(view, check_range=False) for name, view in ctc_views.items()})
+        with record_function("step/views"):
+            if "smc" in active:
+                views.update(self.views.smcm(x, bare.patch_size))
+            if "ctc" in active:
+                ctc_views, negative = self.views.ctc(main, batch["g2"].float() / 255.0, cam_aux, s.high, s.low,
+                                                     generator)  # fmt: skip
+                views.update({name: bare.normalize(view, check_range=False) for name, view in ctc_views.items()})
         with self.autocast():
             outs = forward_grouped(model, views, seg_view="main" if active & {"seg", "reg"} else None)
 
@@ -255,12 +263,19 @@ class TrainStep:
         if cam is not None:
             grid = tuple(outs["main"].tokens.shape[-2:])
             ctx.cam_tok, ctx.cam_aux_tok = camlib.resize_to_tokens(cam, grid), camlib.resize_to_tokens(cam_aux, grid)
-        terms = {name: fn(ctx) for name, fn in self.terms.items() if name in active}
+        terms = {}
+        for name, fn in self.terms.items():
+            if name in active:
+                with record_function(f"step/term/{name}"):
+                    terms[name] = fn(ctx)
         if s.use_memory:
-            terms.update(self._memory(ctx))
+            with record_function("step/term/mem"):
+                terms.update(self._memory(ctx))
         if active & {"seg", "reg"}:
-            terms.update(self._seg(ctx))
-        total, loss_logs = self.schedule.combine(terms, step)
+            with record_function("step/term/seg+reg"):
+                terms.update(self._seg(ctx))
+        with record_function("step/combine"):
+            total, loss_logs = self.schedule.combine(terms, step)
         return total, {**loss_logs, **ctx.logs}
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
