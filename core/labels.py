@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from core.cam import box_mask, check_4d, check_box, resize_bilinear
+from utils.errors import debug_enabled
 from utils.metrics import ArrayLike, all_reduce_array, as_labels, check_range, compute_metrics, to_numpy
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -118,18 +119,31 @@ def prototype_labels(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _present_slots(labels: Tensor) -> tuple[Tensor, Tensor]:
+def max_present(labels: Tensor) -> int:
+    """The largest number of present classes (``labels > 0``) of an image: multi-hot [B, C_fg] -> int (0 for B = 0).
+
+    A host read of ``labels``: on a device tensor that is a synchronisation; pass the loader's CPU labels instead.
+    """
+    return int(labels.gt(0).sum(dim=1).max().item()) if labels.shape[0] > 0 else 0
+
+
+def _present_slots(labels: Tensor, most_present: int | None = None) -> tuple[Tensor, Tensor]:
     """Compact per-image class slots: background first, then the present classes in class order.
 
     Args:
         labels: multi-hot [B, C_fg].
+        most_present: :func:`max_present` of ``labels`` when the caller knows it on the host; None reads it from
+            ``labels`` (a device sync on CUDA).
 
     Returns:
         ids int64 [B, K] (channel index into [background, classes...], i.e. the class id) and valid bool [B, K];
         K = 1 + the largest number of present classes in the batch; padding slots have id 0 and valid False.
     """
     present = labels > 0
-    most_present = int(present.sum(dim=1).max().item()) if labels.shape[0] > 0 else 0
+    if most_present is None:
+        most_present = max_present(labels)
+    elif debug_enabled() and most_present < (actual := max_present(labels)):
+        raise ValueError(f"online_seg_labels: most_present={most_present}, but an image has {actual} classes")
     # A stable sort of "absent" flags lists each image's present classes first, in class order.
     order = torch.argsort((~present).to(torch.uint8), dim=1, stable=True)[:, :most_present]
     valid_fg = torch.gather(present, 1, order)
@@ -156,6 +170,7 @@ def online_seg_labels(
     high: float,
     low: float,
     ignore_index: int = 255,
+    most_present: int | None = None,
 ) -> Tensor:
     """Online segmentation pseudo labels with a dual-threshold ignore band (SPEC §2.4).
 
@@ -176,6 +191,10 @@ def online_seg_labels(
         high: background plane of the first stack (SPEC §2.2 ``high_thre``).
         low: background plane of the second stack (``low_thre``).
         ignore_index: label of ignored pixels.
+        most_present: :func:`max_present` of ``labels``, the number of slots K - 1, when the caller knows it on the
+            host (the training step takes it from the loader's CPU labels); None reads it from ``labels``, which on
+            CUDA is a device synchronisation. A value below the true one would drop classes (checked with
+            ``MSFC_DEBUG=1``).
 
     Returns:
         int64 [B, H, W]: 0 background, 1..C_fg class, ``ignore_index`` ignored. Never an absent class.
@@ -189,7 +208,7 @@ def online_seg_labels(
         raise ValueError(f"online_seg_labels: images01 {tuple(images01.shape)} must match cam {tuple(cam.shape)}")
     check_box(img_box, batch)
 
-    ids, valid = _present_slots(labels.to(cam.device))
+    ids, valid = _present_slots(labels.to(cam.device), most_present)
     num_slots = ids.shape[1]
     index = ids[:, :, None, None].expand(-1, -1, height, width)
     stacks = []

@@ -26,15 +26,18 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from core.cam import box_mask, check_4d, resize_bilinear, round_to_patch
+from utils.errors import debug_enabled
+from utils.syncs import host_item, to_device
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
+    # host_item: the draw of a CPU generator lives on the host in every run, so reading it is never a device sync.
+    return low + (high - low) * host_item(torch.rand((), generator=generator))
 
 
 def _coin(generator: torch.Generator, p: float) -> bool:
     # Always draw, even for p in {0, 1}, so the random stream does not depend on the probabilities.
-    return torch.rand((), generator=generator).item() < p
+    return host_item(torch.rand((), generator=generator)) < p
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class PhotometricAugment:
         if images01.ndim != 4 or images01.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images01.shape)}")
         views, flips = zip(*(self._one(image, generator) for image in images01.float()), strict=True)
-        return torch.stack(views), torch.tensor(flips, dtype=torch.bool, device=images01.device)
+        return torch.stack(views), to_device(torch.tensor(flips, dtype=torch.bool), images01.device)
 
     @classmethod
     def from_mapping(cls, node: Mapping, where: str, other_keys: Sequence[str] = ()) -> PhotometricAugment:
@@ -152,8 +155,12 @@ def place_local_crops(
     A crop centred on pixel (cy, cx) has its top-left corner at (cy − size // 2, cx − size // 2), so the interior
     centres (at least half a crop from the border) are exactly those whose crop lies inside the image. Candidates are
     interior pixels with ROI ≤ 1; an image with fewer than ``num`` candidates draws from all interior pixels.
-    Centres are drawn uniformly without replacement (``torch.multinomial``, batched over images). A crop is negative
-    when its mean ROI value is ≤ ``neg_thre``.
+    Centres are drawn uniformly without replacement, batched over images, exactly as ``torch.multinomial(weights,
+    num, replacement=False, generator=generator)`` draws them (same centres, same generator state afterwards):
+    PyTorch draws ``q ~ Exp(1)`` per candidate and takes the top ``num`` of ``weights / q``. Here only ``q`` is drawn
+    on the generator's device; the weights stay on ``roi``'s device, so a CUDA ROI map with a CPU generator needs no
+    device-to-host copy and no host read (``torch.multinomial`` would need both). A crop is negative when its mean
+    ROI value is ≤ ``neg_thre``.
 
     Args:
         roi: [B, H, W] with values 0 / 1 / 2 (:func:`roi_map`).
@@ -178,10 +185,8 @@ def place_local_crops(
     interior = roi[:, half : half + span_y, half : half + span_x]  # indexed by top-left corner
     candidates = interior <= 1
     enough = candidates.flatten(1).sum(dim=1) >= num
-    weights = torch.where(enough[:, None], candidates.flatten(1), torch.ones_like(candidates.flatten(1)))
-    sample_device = generator.device if generator is not None else roi.device
-    picked = torch.multinomial(weights.to(sample_device, torch.float32), num, replacement=False, generator=generator)
-    picked = picked.to(roi.device)
+    weights = torch.where(enough[:, None], candidates.flatten(1), torch.ones_like(candidates.flatten(1))).float()
+    picked = _sample_without_replacement(weights, num, generator)
     tops = torch.stack([picked // span_x, picked % span_x], dim=-1)
 
     # Crop sums from an integral image: exact in int64, no per-crop loop.
@@ -198,14 +203,43 @@ def place_local_crops(
     return tops, negative
 
 
+def _sample_without_replacement(weights: Tensor, num: int, generator: torch.Generator | None) -> Tensor:
+    """``torch.multinomial(weights, num, replacement=False, generator=generator)`` without a host read.
+
+    PyTorch's own algorithm for sampling without replacement (the exponential race: the top ``num`` of
+    ``weights / q``, ``q ~ Exp(1)`` drawn by ``exponential_`` on the generator's device, ``argmax`` when ``num`` is
+    1), so the indices and the generator's state afterwards are the same; tests/test_cam.py compares the two. Unlike
+    ``torch.multinomial`` it neither validates the weights on the host nor needs them on the generator's device.
+
+    Args:
+        weights: float32 ``[B, M]``, non-negative, at least ``num`` positive entries per row.
+        num: samples per row.
+        generator: draws ``q``; None uses the default generator of ``weights``' device.
+
+    Returns:
+        int64 ``[B, num]`` on ``weights``' device, ordered by decreasing key as ``torch.multinomial``.
+    """
+    sample_device = generator.device if generator is not None else weights.device
+    q = torch.empty(weights.shape, dtype=weights.dtype, device=sample_device).exponential_(1.0, generator=generator)
+    keys = weights / to_device(q, weights.device)
+    if num == 1:
+        return keys.argmax(dim=-1, keepdim=True)
+    return keys.topk(num, dim=-1).indices
+
+
 def cut_crops(images: Tensor, tops: Tensor, size: int) -> Tensor:
-    """Cut square crops: images [B, 3, H, W], tops [B, num, 2] (y, x) → [B·num, 3, size, size], image-major."""
+    """Cut square crops: images [B, 3, H, W], tops [B, num, 2] (y, x) → [B·num, 3, size, size], image-major.
+
+    That the crops fit is a host read of ``tops`` (a device sync), so it is checked with ``MSFC_DEBUG=1`` only; the
+    tops of :func:`place_local_crops` fit by construction (out-of-range tops are otherwise an indexing error).
+    """
     check_4d(images, "cut_crops: images")
     batch, channels, height, width = images.shape
     if tops.dim() != 3 or tops.shape[0] != batch or tops.shape[2] != 2:
         raise ValueError(f"cut_crops: tops must be [B={batch}, num, 2], got shape {tuple(tops.shape)}")
     tops = tops.to(images.device, torch.int64)
-    if tops.numel() and (tops.min() < 0 or tops[..., 0].max() > height - size or tops[..., 1].max() > width - size):
+    if debug_enabled() and tops.numel() and (tops.min() < 0 or tops[..., 0].max() > height - size
+                                              or tops[..., 1].max() > width - size):  # fmt: skip
         raise ValueError(f"cut_crops: crops of size {size} at the given tops do not fit in {height}x{width} images")
     steps = torch.arange(size, device=images.device)
     rows = (tops[..., 0, None] + steps)[:, :, :, None]  # [B, num, size, 1]
@@ -388,5 +422,5 @@ class TrainViews:
                                            generator)  # fmt: skip
         crops = cut_crops(source, tops, self.crops.size)
         flip = torch.rand(crops.shape[0], generator=generator) < self.crops.flip_p
-        views["local"] = torch.where(flip.to(crops.device)[:, None, None, None], crops.flip(-1), crops)
+        views["local"] = torch.where(to_device(flip, crops.device)[:, None, None, None], crops.flip(-1), crops)
         return views, negative

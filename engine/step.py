@@ -52,6 +52,7 @@ from losses import (
 from models import MSFCOutput
 from models.par import PAR
 from utils.checkpoint import unwrap
+from utils.syncs import host_item
 
 # Terms that need the no-grad multi-scale CAMs of the main crop.
 CAM_TERMS = ("ptc", "ctc", "smc", "mem", "seg", "reg")
@@ -121,6 +122,19 @@ def build_views(views: Mapping) -> TrainViews:
     )  # fmt: skip
 
 
+def _host_max_present(batch: Mapping) -> int | None:
+    """The most classes of an image in the batch, from the loader's CPU labels (``batch["host"]["label"]``).
+
+    The trainer passes the loader's batch under ``"host"``; reading it is a host read of a host tensor, never a device
+    sync. Without it (a batch built on the device) None: the online labels then read the device labels instead.
+    """
+    host = batch.get("host")
+    if not host or "label" not in host:
+        return None
+    labels = host["label"]
+    return int(host_item(labels.gt(0).sum(dim=1).max())) if labels.shape[0] > 0 else 0
+
+
 def _slice_output(out: MSFCOutput, start: int, stop: int) -> MSFCOutput:
     return MSFCOutput(
         **{
@@ -167,7 +181,10 @@ class StepContext:
         cam, cam_aux: ``[B, C_fg, S, S]`` class-masked no-grad CAMs of the main view (None when no term needs them).
         cam_tok, cam_aux_tok: the same at the token grid.
         negative: ``[B, n]`` bool, the negative local crops (CTC only).
-        logs: extra scalars to log (e.g. the adaptive memory weight).
+        most_present: the most classes any image of the batch has, known on the host (from the loader's CPU
+            labels, ``batch["host"]``), or None when the batch came without them (it is then read from the device).
+        logs: extra scalars to log (e.g. the adaptive memory weight), 0-dim tensors: ``losses.combine`` reads them
+            with the loss values, in its one transfer.
     """
 
     model: nn.Module
@@ -181,7 +198,8 @@ class StepContext:
     cam_tok: torch.Tensor | None = None
     cam_aux_tok: torch.Tensor | None = None
     negative: torch.Tensor | None = None
-    logs: dict[str, float] = dataclasses.field(default_factory=dict)
+    most_present: int | None = None
+    logs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -192,8 +210,16 @@ class TrainStep:
     """Computes the loss terms of one micro-batch.
 
     ``step(model, batch, step, generator) -> (total, logs)``: ``model`` may be DDP-wrapped; ``batch`` is a training
-    batch from ``datasets.build_dataset(..., mode="train")`` already on the device; ``generator`` is the CPU
-    generator that draws the view augmentations and local-crop placements (checkpointed with the run).
+    batch from ``datasets.build_dataset(..., mode="train")`` already on the device, optionally with the loader's
+    CPU batch under ``"host"`` (as the trainer passes it); ``generator`` is the CPU generator that draws the view
+    augmentations and local-crop placements (checkpointed with the run).
+
+    Host reads (device synchronisations on CUDA, ``utils/syncs.py``): one per call, the ``tolist`` in
+    ``losses.combine`` that brings every logged number to the host and checks the losses for NaN/Inf. The random
+    draws of the CPU generator and the batch's class count (from ``batch["host"]``) are host values in every run.
+    Without ``batch["host"]`` the online segmentation labels read the class count from the device (one more read);
+    ``MemoryBank.any_initialized`` reads the bank's flags only after they changed (at the first step, then after
+    each bank update until a class is ready); ``MSFC_DEBUG=1`` adds the input checks that read values.
     """
 
     def __init__(self, cfg: DictConfig, device: torch.device):
@@ -259,7 +285,8 @@ class TrainStep:
         with self.autocast():
             outs = forward_grouped(model, views, seg_view="main" if active & {"seg", "reg"} else None)
 
-        ctx = StepContext(bare, step, active, labels, main, outs, cam, cam_aux, negative=negative)
+        ctx = StepContext(bare, step, active, labels, main, outs, cam, cam_aux, negative=negative,
+                          most_present=_host_max_present(batch))  # fmt: skip
         if cam is not None:
             grid = tuple(outs["main"].tokens.shape[-2:])
             ctx.cam_tok, ctx.cam_aux_tok = camlib.resize_to_tokens(cam, grid), camlib.resize_to_tokens(cam_aux, grid)
@@ -275,15 +302,15 @@ class TrainStep:
             with record_function("step/term/seg+reg"):
                 terms.update(self._seg(ctx))
         with record_function("step/combine"):
-            total, loss_logs = self.schedule.combine(terms, step)
-        return total, {**loss_logs, **ctx.logs}
+            total, logs = self.schedule.combine(terms, step, extra=ctx.logs)  # the step's one host read
+        return total, logs
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """After the optimiser step ``step``: the EMA teacher, and the memory bank on its cadence (all ranks)."""
         bare = unwrap(model)
         bare.ema_update()
         if self.settings.use_memory and (step + 1) % self.settings.memory_every == 0:
-            bare.memory.update()
+            bare.memory.update(return_ids=False)  # listing the updated classes would be a host read
 
     def _ptc(self, ctx: StepContext) -> torch.Tensor:
         """Patch-token contrast (§4.2) on the final tokens, token labels from CAM_aux."""
@@ -322,7 +349,7 @@ class TrainStep:
         tokens = main.tokens.float()
         similarity = bare.memory.similarity(tokens.detach(), ctx.labels)  # [B, C_fg, h, w]
         weight = adaptive_memory_weight(similarity, ctx.cam_aux_tok, ctx.cam_tok)
-        ctx.logs["mem_weight"] = float(weight)
+        ctx.logs["mem_weight"] = weight  # a tensor: read with the losses
         return {"mem": weight * self.losses["mem"](tokens, similarity, ctx.main.box, ctx.size)}
 
     def _seg(self, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -331,7 +358,7 @@ class TrainStep:
         source = ctx.cam_aux if ctx.step < s.seg_cam_switch_iter else ctx.cam
         with torch.no_grad():
             target = lablib.online_seg_labels(source, ctx.labels, images01, box, self.par, s.high, s.low,
-                                              s.ignore_index)  # fmt: skip
+                                              s.ignore_index, most_present=ctx.most_present)  # fmt: skip
         logits = ctx.outs["main"].seg_logits.float()
         terms = {}
         if "seg" in ctx.active:

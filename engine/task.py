@@ -66,7 +66,12 @@ class Task(Protocol):
     def loss(
         self, model: nn.Module, batch: Mapping[str, torch.Tensor], step: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """(total loss for backward, scalars to log) of one micro-batch; ``model`` may be DDP-wrapped."""
+        """(total loss for backward, scalars to log) of one micro-batch; ``model`` may be DDP-wrapped.
+
+        ``batch`` is on the device, with the loader's CPU batch under ``"host"``: a value needed on the host is read
+        there (a device read would synchronise). Each host read of a device value costs a synchronisation per
+        micro-step on CUDA; MSFC's step makes one (its logged numbers, ``losses.combine``).
+        """
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Runs on every rank after the optimiser step ``step`` (EMA updates, banks, ...)."""

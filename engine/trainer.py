@@ -67,7 +67,28 @@ def seed_everything(seed: int) -> None:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The loader's batch on ``device``, plus the batch as the loader gave it (CPU) under ``"host"``.
+
+    A task reads values it needs on the host from ``batch["host"]`` (e.g. how many classes an image has): a read of a
+    host tensor, where the same read of the device copy would be a device synchronisation.
+    """
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {**moved, "host": batch}
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``train.compile=true``: compile ``model``'s forward with ``torch.compile``, in place; returns ``model``.
+
+    In place (``nn.Module.compile``): the module keeps its own parameters, buffers and state-dict keys (no
+    ``_orig_mod.`` prefix), so checkpoints of compiled and eager runs are the same files and load into either. It is
+    compiled once, before any DDP wrapping: each curriculum phase wraps DDP anew around the same compiled module
+    (a phase that freezes or unfreezes heads recompiles once: gradient requirements are guarded). Every call of the
+    model compiles: the step's forwards and no-grad CAMs and validation (each new input size / grad mode compiles once
+    more, up to dynamo's recompile limit, then shapes are treated as dynamic). DDP wraps the compiled module, so its
+    gradient all-reduce starts when the compiled backward is done (no overlap of buckets with that backward).
+    """
+    model.compile()
+    return model
 
 
 def _wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -225,6 +246,8 @@ class Trainer:
             count = check_val_files(self.val_set, str(cfg.data.val_split))
             logger.info("checked the headers of %d validation images and masks in %.1f s", count, time.time() - begin)
         self.model = self.task.build_model().to(self.device)
+        if bool(tc.compile):
+            compile_model(self.model)
         groups = self.task.param_groups(self.model)
         self.optimizer = build_optimizer(groups, tc.betas, float(tc.weight_decay))
         use_scaler = tc.precision == "fp16" and self.device.type == "cuda"
@@ -387,9 +410,14 @@ class Trainer:
             total, logs = self.task.loss(ddp, _to_device(batch, self.device), step, self.generator)
         except FloatingPointError as err:  # raised by losses.combine, naming the term(s)
             failure = str(err)
-        # Every rank must learn of a failure on any rank before backward, or the others would wait in DDP forever.
-        flag = dist.all_reduce_sum(torch.tensor([0.0 if failure is None else 1.0], device=self.device))
-        if flag.item() > 0:
+        # Every rank must learn of a failure on any rank before backward, or the others would wait in DDP forever. In
+        # one process the failure is known here; with several, the all-reduced flag is the step's one extra host read
+        # (torch.full fills it on the device: no host-to-device copy).
+        failed = failure is not None
+        if self.world > 1:
+            flag = torch.full((1,), float(failed), device=self.device)
+            failed = dist.all_reduce_sum(flag).item() > 0
+        if failed:
             try:
                 last = find_latest(self.out_dir)
             except CheckpointError:
@@ -405,14 +433,16 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         return logs
 
-    def _optimizer_step(self) -> float | None:
+    def _optimizer_step(self) -> torch.Tensor | None:
+        """Clip (train.grad_clip), step and zero the gradients; returns the gradient norm, a 0-dim tensor read only
+        when it is logged (no host read per step), or None without clipping."""
         clip = float(self.cfg.train.grad_clip)
         grad_norm = None
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if clip > 0:
             params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -496,7 +526,7 @@ class Trainer:
         self.metrics.close()
         return self.best
 
-    def _summarise(self, window: list[dict[str, float]], lrs: dict, grad_norm: float | None, done: int,
+    def _summarise(self, window: list[dict[str, float]], lrs: dict, grad_norm: torch.Tensor | None, done: int,
                    start: float) -> dict[str, float]:  # fmt: skip
         keys = sorted({key for logs in window for key in logs})
         means = {key: float(np.mean([logs[key] for logs in window if key in logs])) for key in keys}
@@ -506,7 +536,7 @@ class Trainer:
         record = dist.reduce_dict_mean({k: v for k, v in means.items() if k in common}, self.device)
         record.update({f"lr_{name}": lr for name, lr in lrs.items() if not name.endswith("_no_decay")})
         if grad_norm is not None:
-            record["grad_norm"] = grad_norm
+            record["grad_norm"] = float(grad_norm)  # read here, once per log line
         record["seconds"] = time.time() - start
         self.metrics.log(done, record)
         logger.info("step %d/%d  %s", done, int(self.cfg.train.max_iters),

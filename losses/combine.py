@@ -77,17 +77,23 @@ def combine(
     ramps: Mapping[str, int],
     step: int,
     known: Sequence[str] = TERMS,
+    extra: Mapping[str, torch.Tensor | float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the computed terms, checked for NaN/Inf once.
+
+    Every logged number (each term, the total and the `extra` values) comes to the host in **one** transfer: the one
+    host read (device synchronisation) of a training step, which also serves the finiteness check.
 
     Args:
         terms: term name → 0-dim loss tensor (unweighted). Only active terms may be given.
         weights, start_iters, ramps: as in `term_weight`.
         step: current iteration.
+        extra: other numbers to log under their own names (e.g. `mem_weight`), 0-dim tensors (read in the same
+            transfer) or Python numbers; not checked for finiteness, not part of the total.
 
     Returns:
         `(total, logs)`: the 0-dim float32 weighted sum (for backward) and `{"loss_<name>": unweighted value, ...,
-        "loss_total": weighted sum}` as Python floats.
+        "loss_total": weighted sum, **extra}` as Python floats.
 
     Raises:
         ValueError: no terms, an unknown name, a term that is inactive at `step`, or a tensor that is not a scalar.
@@ -109,8 +115,19 @@ def combine(
         )
     values = [terms[name].float().reshape(()) for name in names]
     total = torch.stack([factors[name] * value for name, value in zip(names, values, strict=True)]).sum()
-    # One device→host transfer for every logged number.
-    numbers = torch.stack([*[value.detach() for value in values], total.detach()]).tolist()
+    extra = dict(extra or {})
+    taken = {f"loss_{name}" for name in names} | {"loss_total"}
+    for name, value in extra.items():
+        if name in taken:
+            raise ValueError(f"combine: extra value '{name}' has the name of a logged loss")
+        if torch.is_tensor(value) and value.numel() != 1:
+            raise ValueError(f"combine: extra value '{name}' must be a scalar, got shape {tuple(value.shape)}")
+    read = [name for name, value in extra.items() if torch.is_tensor(value)]
+    logged = [*[value.detach() for value in values], total.detach(),
+              *[extra[name].detach().float().reshape(()).to(total.device) for name in read]]  # fmt: skip
+    numbers = torch.stack(logged).tolist()  # one device→host transfer for every logged number: the step's host read
+    read_values = dict(zip(read, numbers[len(names) + 1 :], strict=True))
+    numbers = numbers[: len(names) + 1]
     bad = [name for name, number in zip(names, numbers, strict=False) if not math.isfinite(number)]
     if not bad and not math.isfinite(numbers[-1]):
         raise FloatingPointError(f"combine: the weighted sum overflowed at step {step}: {numbers[-1]}")
@@ -119,6 +136,7 @@ def combine(
         raise FloatingPointError(f"combine: non-finite loss term(s) at step {step}: {detail}")
     logs = {f"loss_{name}": number for name, number in zip(names, numbers, strict=False)}
     logs["loss_total"] = numbers[-1]
+    logs.update({name: read_values[name] if name in read_values else float(value) for name, value in extra.items()})
     return total, logs
 
 
@@ -154,5 +172,7 @@ class TermSchedule:
     def active(self, step: int) -> list[str]:
         return active_terms(self.weights, self.start_iters, self.ramps, step, self.terms)
 
-    def combine(self, terms: Mapping[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return combine(terms, self.weights, self.start_iters, self.ramps, step, self.terms)
+    def combine(
+        self, terms: Mapping[str, torch.Tensor], step: int, extra: Mapping[str, torch.Tensor | float] | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return combine(terms, self.weights, self.start_iters, self.ramps, step, self.terms, extra)

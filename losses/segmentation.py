@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.errors import debug_enabled
 from utils.text import preview
 
 
@@ -40,6 +41,10 @@ class BalancedCrossEntropy(nn.Module):
 
         Returns:
             0-dim float32 tensor.
+
+        Raises:
+            ValueError: shapes that do not fit; with ``MSFC_DEBUG=1`` also target values out of range (checked only
+                then: the check is a host read of the target).
         """
         if logits.dim() != 4 or target.dim() != 3:
             raise ValueError(
@@ -54,17 +59,22 @@ class BalancedCrossEntropy(nn.Module):
         target = target.long()
         num_classes = logits.shape[1]
         ignored = target == self.ignore_index
-        # An out-of-range label would be a device-side assert on CUDA; name the problem instead.
+        # An out-of-range label would be a device-side assert on CUDA. The check reads the target on the host (a device
+        # sync), so it runs with MSFC_DEBUG=1 only; the step's online labels are in range by construction.
+        if debug_enabled():
+            self._check_values(target, ignored, num_classes)
+        ce = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="none")  # [B, H, W]
+        background = target == 0
+        foreground = ~background & ~ignored
+        return 0.5 * self._group_mean(ce, background) + 0.5 * self._group_mean(ce, foreground)
+
+    def _check_values(self, target: torch.Tensor, ignored: torch.Tensor, num_classes: int) -> None:
         bad = ((target < 0) | (target >= num_classes)) & ~ignored
         if bool(bad.any()):
             raise ValueError(
                 f"BalancedCrossEntropy: target values must lie in 0..{num_classes - 1} or be {self.ignore_index}, "
                 f"got {preview(torch.unique(target[bad]).tolist(), 10)}"
             )
-        ce = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="none")  # [B, H, W]
-        background = target == 0
-        foreground = ~background & ~ignored
-        return 0.5 * self._group_mean(ce, background) + 0.5 * self._group_mean(ce, foreground)
 
     @staticmethod
     def _group_mean(ce: torch.Tensor, group: torch.Tensor) -> torch.Tensor:

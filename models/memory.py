@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.dist import all_reduce_sum
+from utils.errors import debug_enabled
 
 
 class MemoryBank(nn.Module):
@@ -53,13 +54,36 @@ class MemoryBank(nn.Module):
         self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("acc_sum", torch.zeros(num_classes, dim, dtype=torch.float64))
         self.register_buffer("acc_count", torch.zeros(num_classes, dtype=torch.float64))
+        # (initialized tensor, its version, any()) of the last any_initialized() read; see there.
+        self._initialized_cache: tuple[torch.Tensor, int, bool] | None = None
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, momentum={self.momentum}, min_count={self.min_count}"
 
     def any_initialized(self) -> bool:
-        """True once at least one class has a prototype (L_mem starts then, SPEC §4.5)."""
-        return bool(self.initialized.any())
+        """True once at least one class has a prototype (L_mem starts then, SPEC §4.5).
+
+        The answer is a host read of ``initialized`` (a device sync on CUDA), made only when that buffer changed since
+        the last read: it is cached with the buffer's identity and version counter, which every in-place change
+        (``load_state_dict``, ``fill_``, ...) and every replacement (``module.to``) invalidates. ``update`` only ever
+        adds classes, so it keeps a True answer valid. A training step therefore reads it at its first step and after
+        each bank update until the first class is ready, and never afterwards.
+        """
+        known = self._known_initialized()
+        if known is not None:
+            return known
+        flags = self.initialized
+        answer = bool(flags.any())
+        if not flags.is_inference():  # an inference tensor has no version counter to cache against
+            self._initialized_cache = (flags, flags._version, answer)
+        return answer
+
+    def _known_initialized(self) -> bool | None:
+        """The cached answer of :meth:`any_initialized` while ``initialized`` is unchanged since, else None."""
+        flags, cached = self.initialized, self._initialized_cache
+        if cached is None or cached[0] is not flags or flags.is_inference() or cached[1] != flags._version:
+            return None
+        return cached[2]
 
     @torch.no_grad()
     def accumulate(self, tokens: torch.Tensor, proto_labels: torch.Tensor) -> None:
@@ -75,12 +99,15 @@ class MemoryBank(nn.Module):
                 f"MemoryBank.accumulate: proto_labels must be [{b}, {h}, {w}], got {tuple(proto_labels.shape)}"
             )
         labels = proto_labels.long()
-        bad = (labels != self.ignore_index) & ((labels < 0) | (labels > self.num_classes))
-        if bool(bad.any()):
-            raise ValueError(
-                f"MemoryBank.accumulate: proto_labels must be 0..{self.num_classes} or {self.ignore_index}, "
-                f"got {labels[bad].unique().tolist()}"
-            )
+        # A host read of the labels (a device sync), so checked with MSFC_DEBUG=1 only: the step's prototype labels
+        # are in range by construction, and an out-of-range label matches no class (it is left out).
+        if debug_enabled():
+            bad = (labels != self.ignore_index) & ((labels < 0) | (labels > self.num_classes))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"MemoryBank.accumulate: proto_labels must be 0..{self.num_classes} or {self.ignore_index}, "
+                    f"got {labels[bad].unique().tolist()}"
+                )
         # One-hot over foreground classes [B, C_fg, N]; background and ignore rows fall outside 1..C_fg.
         classes = torch.arange(1, self.num_classes + 1, device=labels.device)
         mask = (labels.flatten(1)[:, None, :] == classes[None, :, None]).float()
@@ -93,14 +120,18 @@ class MemoryBank(nn.Module):
         self.acc_count += present.sum(0).double()  # count = number of image prototypes, SPEC §4.5 "count >= 4"
 
     @torch.no_grad()
-    def update(self) -> list[int]:
+    def update(self, return_ids: bool = True) -> list[int] | None:
         """All-reduce the accumulators over ranks and move the ready classes (SPEC §4.5).
 
         Every rank must call this at the same iteration. A class with at least `min_count` image prototypes is set
         to their mean the first time, and to `α·bank + (1-α)·mean` afterwards; all accumulators are then reset.
 
+        Args:
+            return_ids: also return the updated class ids; listing them is a host read (a device sync on CUDA), so
+                the training step passes False.
+
         Returns:
-            The updated class ids (1..C_fg, the label convention), ascending.
+            The updated class ids (1..C_fg, the label convention), ascending; None when `return_ids` is False.
         """
         sums = all_reduce_sum(self.acc_sum.clone())
         counts = all_reduce_sum(self.acc_count.clone())
@@ -109,9 +140,14 @@ class MemoryBank(nn.Module):
         blended = self.momentum * self.bank.double() + (1.0 - self.momentum) * mean
         new = torch.where(self.initialized[:, None], blended, mean)
         self.bank.copy_(torch.where(ready[:, None], new, self.bank.double()).to(self.bank.dtype))
+        known = self._known_initialized()
         self.initialized |= ready
+        if known:  # classes are only ever added here: still True, without a read
+            self._initialized_cache = (self.initialized, self.initialized._version, True)
         self.acc_sum.zero_()
         self.acc_count.zero_()
+        if not return_ids:
+            return None
         return (ready.nonzero().flatten() + 1).tolist()
 
     @torch.no_grad()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils.syncs import to_device
+
 # Temperature of both kernel terms and the weight of the position term, fixed by SPEC §1.3.
 _KERNEL_SCALE = 0.3
 _POSITION_WEIGHT = 0.01
@@ -84,7 +86,8 @@ class PAR(nn.Module):
     def _position_softmax(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Softmax over k of the position term: [K], identical for every pixel."""
         diagonal = [math.sqrt(2.0) if dy != 0 and dx != 0 else 1.0 for dy, dx in _RING]
-        dist = torch.tensor([d * f for d in self.dilations for f in diagonal], dtype=dtype, device=device)
+        # Built on the host and moved without blocking: torch.tensor(..., device=cuda) would synchronise the stream.
+        dist = to_device(torch.tensor([d * f for d in self.dilations for f in diagonal], dtype=dtype), device)
         logits = -((dist / (dist.std() + _EPS) / _KERNEL_SCALE) ** 2)
         return logits.softmax(dim=0)
 

@@ -8,6 +8,9 @@
 #   eval.split=S moves the segmentation stages only and eval.cam_split=S the CAM and pseudo-label stages (the CAM
 #   stages are given eval.split=<cam split>); eval.checkpoint=last (the final checkpoint) | best_cam | best_seg | PATH.
 #   Runs from any folder (the repository root goes on PYTHONPATH; RUN_DIR stays relative to yours).
+#   Several machines: run.num_shards=N run.shard_index=i on machine i runs the producing stages only (CAMs, pseudo
+#   labels, segmentation) over its ids[i::N]; then, with every shard's outputs in one run folder (shared, or copied
+#   together), rerun without the shard keys: finished stages skip their work and the evaluations and table run.
 set -euo pipefail
 here="$(dirname "${BASH_SOURCE[0]}")"
 launch="${here}/launch.sh"
@@ -24,6 +27,12 @@ if [[ $# -lt 1 || "$1" == *=* ]]; then
 fi
 run="$1"
 shift
+shards=1
+for arg in "$@"; do
+    if [[ "${arg}" == run.num_shards=* ]]; then
+        shards="${arg#run.num_shards=}"
+    fi
+done
 if [[ ! -f "${run}/config.yaml" ]]; then
     echo "$0: ${run} is not a run folder (no config.yaml); train first" >&2
     exit 2
@@ -36,6 +45,13 @@ read -r cam_split seg_split <<<"${splits}"
 echo "protocol (SPEC §8): CAMs and pseudo labels scored on ${cam_split}, segmentation on ${seg_split}"
 cam=(--run-dir "${run}" "$@" "eval.split=${cam_split}")
 "${launch}" tools.make_cam "${cam[@]}"
+if [[ "${shards}" != 1 ]]; then
+    "${launch}" tools.make_pseudo_labels "${cam[@]}"
+    "${launch}" tools.infer_seg --run-dir "${run}" eval.crf=true "$@" "eval.split=${seg_split}"
+    echo "this shard is done (run.num_shards=${shards}); once every shard's outputs are in one run folder, score them" \
+        "with: $0 RUN_DIR (without run.num_shards / run.shard_index)"
+    exit 0
+fi
 echo "CAM threshold sweep on ${cam_split}: GT-tuned threshold, oracle — not a protocol number"
 "${launch}" tools.evaluate --source cams --sweep "${cam[@]}"
 "${launch}" tools.evaluate --source cams --cam-key cam_aux "${cam[@]}"

@@ -14,6 +14,7 @@ from core.cam import box_mask, multiscale_cam, resize_to_tokens
 from core.labels import online_seg_labels, pair_labels, prototype_labels, token_labels
 from core.views import cut_crops, place_local_crops, roi_map, smcm_to_main, smcm_views
 from models.par import PAR
+from utils.syncs import count_syncs
 
 IGN = 255
 
@@ -298,6 +299,25 @@ def test_online_seg_labels_batches_images_with_different_classes() -> None:
     assert torch.all(batched[1, :, :2] == IGN) and torch.all(batched[1, 14:] == IGN)
 
 
+def test_online_seg_labels_with_a_host_class_count_reads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given most_present (known on the host), the labels are the same and nothing is read from the labels."""
+    monkeypatch.delenv("MSFC_DEBUG", raising=False)
+    cam, labels = _synthetic_cam()
+    cam = torch.cat([cam, cam.flip(-1)])
+    labels = torch.cat([labels, torch.tensor([[0.0, 1.0, 0.0]])])
+    images01, boxes, par = torch.rand(2, 3, 16, 16), torch.tensor([[0, 16, 0, 16], [2, 16, 0, 14]]), PAR(num_iter=2)
+    with count_syncs() as counter:
+        read = online_seg_labels(cam, labels, images01, boxes, par, high=0.75, low=0.25)
+    assert counter.by_site_kind and set(counter.by_kind) == {"item"}  # the class count, read from the labels
+    with count_syncs() as counter:
+        given = online_seg_labels(cam, labels, images01, boxes, par, high=0.75, low=0.25, most_present=2)
+    assert counter.total == 0, counter.report()
+    assert torch.equal(given, read)
+    monkeypatch.setenv("MSFC_DEBUG", "1")
+    with pytest.raises(ValueError, match="most_present=1"):
+        online_seg_labels(cam, labels, images01, boxes, par, high=0.75, low=0.25, most_present=1)
+
+
 def test_online_seg_labels_with_par_follows_colour_regions() -> None:
     # Image colours match the CAM regions, so PAR sharpens rather than blurs across them.
     cam, labels = _synthetic_cam()
@@ -390,6 +410,27 @@ def test_place_local_crops_fallback_when_too_few_candidates() -> None:
     assert torch.equal(negative, _reference_mean_roi(roi, tops, 8) <= 0.2)
 
 
+@pytest.mark.parametrize("num", [1, 3, 8])
+def test_place_local_crops_draws_as_torch_multinomial_without_a_host_read(num: int) -> None:
+    """The centres are those of torch.multinomial(weights, num, replacement=False) on the same generator, and the
+    generator ends in the same state; no host read (torch.multinomial validates its weights on the host)."""
+    for seed in range(20):
+        roi = torch.randint(0, 3, (3, 20, 24), generator=torch.Generator().manual_seed(seed))
+        roi[0] = 2
+        roi[0, 8:10, 8:10] = 0  # image 0: 4 candidates, fewer than 8 → every interior pixel
+        size, span_y, span_x = 6, 15, 19
+        interior = roi[:, size // 2 : size // 2 + span_y, size // 2 : size // 2 + span_x].flatten(1)
+        candidates = interior <= 1
+        weights = torch.where((candidates.sum(1) >= num)[:, None], candidates, torch.ones_like(candidates)).float()
+        ours, reference = torch.Generator().manual_seed(100 + seed), torch.Generator().manual_seed(100 + seed)
+        with count_syncs() as counter:
+            tops, _ = place_local_crops(roi, num=num, size=size, neg_thre=0.2, generator=ours)
+        assert counter.total == 0, counter.report()
+        picked = torch.multinomial(weights, num, replacement=False, generator=reference)
+        assert torch.equal(tops, torch.stack([picked // span_x, picked % span_x], dim=-1))
+        assert torch.equal(ours.get_state(), reference.get_state())
+
+
 def test_place_local_crops_bad_arguments() -> None:
     roi = torch.zeros(1, 10, 10, dtype=torch.int64)
     with pytest.raises(ValueError, match="size"):
@@ -398,7 +439,7 @@ def test_place_local_crops_bad_arguments() -> None:
         place_local_crops(roi, num=10, size=9, neg_thre=0.2)  # only 2×2 = 4 interior centres
 
 
-def test_cut_crops_image_major() -> None:
+def test_cut_crops_image_major(monkeypatch: pytest.MonkeyPatch) -> None:
     images = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).view(2, 3, 10, 12)
     tops = torch.tensor([[[0, 0], [5, 7]], [[2, 3], [6, 8]]])
     crops = cut_crops(images, tops, 4)
@@ -407,6 +448,11 @@ def test_cut_crops_image_major() -> None:
         for i in range(2):
             y, x = tops[b, i].tolist()
             assert torch.equal(crops[b * 2 + i], images[b, :, y : y + 4, x : x + 4])
+    monkeypatch.delenv("MSFC_DEBUG", raising=False)
+    with count_syncs() as counter:
+        cut_crops(images, tops, 4)
+    assert counter.total == 0  # the fit check reads tops on the host: MSFC_DEBUG=1 only
+    monkeypatch.setenv("MSFC_DEBUG", "1")
     with pytest.raises(ValueError, match="do not fit"):
         cut_crops(images, torch.tensor([[[7, 0]], [[0, 0]]]), 4)
 

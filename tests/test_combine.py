@@ -79,3 +79,17 @@ def test_nan_detection_names_the_terms() -> None:
     with pytest.raises(FloatingPointError, match=r"ptc=nan, smc=inf") as info:
         combine(terms, WEIGHTS, STARTS, RAMPS, 0)
     assert "cls" not in str(info.value)
+
+
+def test_extra_numbers_are_logged_from_the_same_single_read() -> None:
+    from utils.syncs import count_syncs
+
+    terms = {"cls": torch.tensor(0.5), "ptc": torch.tensor(2.0)}
+    with count_syncs() as counter:
+        _, logs = combine(terms, WEIGHTS, STARTS, RAMPS, 1, extra={"mem_weight": torch.tensor(0.25), "k": 3})
+    assert counter.total == 1 and counter.by_kind == {"tolist": 1}  # one transfer for the losses and the extras
+    assert logs == pytest.approx({"loss_cls": 0.5, "loss_ptc": 2.0, "loss_total": 0.9, "mem_weight": 0.25, "k": 3.0})
+    with pytest.raises(ValueError, match="name of a logged loss"):
+        combine(terms, WEIGHTS, STARTS, RAMPS, 1, extra={"loss_total": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="scalar"):
+        combine(terms, WEIGHTS, STARTS, RAMPS, 1, extra={"w": torch.ones(2)})

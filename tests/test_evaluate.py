@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,39 @@ def test_missing_predictions_error_lists_ids_and_the_command(run, capsys):
     _write_pngs(run, "seg_crf", {"a": SEG["a"]})
     message = _user_error(capsys, run, "--source", "seg_crf")
     assert re.search(r"1 of 2 .*: b\. Produce them with: python -m tools\.infer_seg .*eval\.crf=true", message)
+
+
+def test_the_union_of_two_shards_is_scored_once_their_files_are_together(run, tmp_path, capsys):
+    """run.num_shards=2: each machine wrote ids[i::2] (here a and b) into its own copy of the run folder; evaluate
+    lists what is missing until the shards' files are copied together, then scores the whole split."""
+    _write_pngs(run, "seg", {"a": SEG["a"]})  # shard 0's output
+    other = tmp_path / "machine1"
+    _write_pngs(other, "seg", {"b": SEG["b"]})  # shard 1's, on another machine
+    message = _user_error(capsys, run, "--source", "seg", "run.num_shards=2")
+    assert re.search(r"1 of 2 image\(s\) .*: b\. Produce them .*made in shards, run\.num_shards: every shard", message)
+    for path in (other / "seg" / "val").glob("*.png"):  # the merge: a plain copy, the layouts are the same
+        shutil.copy(path, run / "seg" / "val")
+    for shard_keys in ((), ("run.num_shards=2", "run.shard_index=1")):  # the whole split, whatever the shard keys
+        result = _evaluate(run, "--source", "seg", *shard_keys)
+        assert result["miou"] == pytest.approx(SEG_MIOU) and result["num_images"] == 2 and result["num_pixels"] == 15
+
+
+def test_uint8_cam_files_score_as_their_dequantised_values(run):
+    """CAM files of either cam.file_dtype: uint8 maps are read as q / 255, so they score exactly like float maps
+    holding those values."""
+    rng = np.random.default_rng(3)
+    quantised = {name: rng.integers(0, 256, size=(2, 2, 4), dtype=np.uint8) for name in IDS}
+    classes = np.array([1, 2], dtype=np.int16)
+    for name, q in quantised.items():
+        save_npz(run / "cams" / "val" / f"{name}.npz", {"classes": classes, "cam": q, "cam_aux": q[::-1].copy()})
+    grid = ["eval.sweep_start=0.1", "eval.sweep_stop=0.9", "eval.sweep_step=0.2"]
+    from_uint8 = _evaluate(run, "--source", "cams", "--sweep", *grid)
+    for name, q in quantised.items():
+        values = q.astype(np.float32) / np.float32(255)
+        save_npz(run / "cams" / "val" / f"{name}.npz", {"classes": classes, "cam": values, "cam_aux": values[::-1]})
+    from_float = _evaluate(run, "--source", "cams", "--sweep", *grid)
+    assert [r["miou"] for r in from_uint8["sweep"]] == [r["miou"] for r in from_float["sweep"]]
+    assert len({r["miou"] for r in from_uint8["sweep"]}) > 1
 
 
 def test_wrong_size_prediction_error_names_prediction_and_ground_truth(run, capsys):

@@ -21,7 +21,7 @@ from models import load_trained_model
 from tests.processes import HAS_PROC, still_running_after
 from tools import infer_seg, train
 from utils.config import load_run_config
-from utils.crf import dense_crf
+from utils.crf import crf_params, dense_crf
 from utils.io import load_npz, read_label_png
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,6 +122,107 @@ def test_crf_runs_only_the_crf_work_on_resume_and_the_pool_equals_the_serial_pat
     refined = dense_crf(rgb, torch.softmax(logits, 0).numpy(), iters=10, gauss_sxy=1, gauss_compat=1,
                         bilateral_sxy=121, bilateral_srgb=5, bilateral_compat=4)  # fmt: skip
     assert np.array_equal(a[item["name"]], refined.argmax(0).astype(np.uint8))
+
+
+def _files(run: Path) -> set[Path]:
+    return {path.relative_to(run) for path in run.rglob("*") if path.is_file()}
+
+
+def test_crf_runs_on_the_fly_and_writes_nothing_but_the_pngs(trained, tmp_path, monkeypatch):
+    """The CRF pool is fed while the network runs (each result is written a bounded number of images after its
+    network pass), and neither logits nor probabilities are ever written to disk."""
+    run = _copy_run(trained, tmp_path / "run")
+    before = _files(run)
+    events: list[str] = []
+    real_predict, real_save = infer_seg.predict_seg_logits, infer_seg.save_label_png
+
+    def predict(*args, **kwargs):
+        events.append("net")
+        return real_predict(*args, **kwargs)
+
+    def save(path, label, *args, **kwargs):
+        events.append(Path(path).parent.parent.name)  # "seg" or "seg_crf"
+        return real_save(path, label, *args, **kwargs)
+
+    monkeypatch.setattr(infer_seg, "predict_seg_logits", predict)
+    monkeypatch.setattr(infer_seg, "save_label_png", save)
+    workers = 1  # CRFPool's default bound: 2 * workers jobs submitted and not yet returned
+    stats = _infer(run, "eval.crf=true", f"eval.crf_workers={workers}", "eval.num_overlays=0")
+    count = len(build_dataset(_config(run), "val", "eval"))
+    assert stats.net_images == stats.crf_images == count and events.count("net") == count
+    crf_writes = [i for i, event in enumerate(events) if event == "seg_crf"]
+    nets_before = [events[:i].count("net") for i in crf_writes]
+    assert nets_before[0] < count  # the first CRF result is written before the network has seen every image
+    assert all(n <= k + 1 + 2 * workers for k, n in enumerate(nets_before)), nets_before  # bounded look-ahead
+    new = {path for path in _files(run) - before if path.parts[0] != "cache"}  # cache/: the split's image labels
+    assert {path.suffix for path in new} == {".png", ".json", ".log"}, sorted(new)
+    assert {path for path in new if path.suffix != ".png"} == {
+        Path("seg/val/settings.json"), Path("seg_crf/val/settings.json"), Path("infer_seg.log")}  # fmt: skip
+    assert stats.seg_bytes == sum(p.stat().st_size for p in (run / "seg" / "val").glob("*.png"))
+    assert stats.crf_bytes == sum(p.stat().st_size for p in (run / "seg_crf" / "val").glob("*.png"))
+    assert stats.crf_classes == 21 * count  # eval.crf_min_prob = 0: every class (the published protocol)
+    assert "KiB per seg_crf PNG" in (run / "infer_seg.log").read_text()
+
+
+def test_crf_input_keeps_background_and_the_classes_reaching_the_threshold():
+    logits = torch.full((5, 2, 3), -10.0)
+    logits[0] = 0.0
+    logits[3, 0, 0] = 10.0  # class 3 wins one pixel
+    logits[4, 1, 2] = -1.0  # class 4 reaches softmax ~0.27 at one pixel, never the argmax
+    prob, classes = infer_seg.crf_input(logits, 0.2)
+    assert classes.tolist() == [0, 3, 4] and classes.dtype == np.uint8
+    full = torch.softmax(logits, 0).numpy()
+    np.testing.assert_array_equal(prob, full[[0, 3, 4]])  # the kept probabilities as they are (DenseCRF's unaries)
+    assert infer_seg.crf_input(logits, 0.5)[1].tolist() == [0, 3]
+    prob, classes = infer_seg.crf_input(logits, 0.0)  # 0: every class, no id map
+    assert classes is None and prob.shape == (5, 2, 3)
+    assert infer_seg.crf_input(logits, 1e-9)[1] is None  # every class reaches it: the same as 0
+
+
+def test_crf_over_the_present_classes_maps_labels_back_and_is_recorded(trained, tmp_path):
+    run = _copy_run(trained, tmp_path / "run")
+    cfg = _config(run)
+    item = build_dataset(cfg, "val", "eval")[0]
+    logits = predict_seg_logits(load_trained_model(cfg, torch.device("cpu")), item["img"][None], (1.0, 0.5))[0]
+    peaks = np.sort(torch.softmax(logits, 0).flatten(1).amax(1).numpy())
+    min_prob = float(peaks[len(peaks) // 2])  # about half the classes of this image drop out
+    stats = _infer(run, "data.max_images=1", "eval.crf=true", "eval.crf_workers=0", f"eval.crf_min_prob={min_prob}")
+    prob, classes = infer_seg.crf_input(logits, min_prob)
+    assert classes is not None and 1 < len(classes) < 21 and stats.crf_classes == len(classes)
+    rgb = np.ascontiguousarray(item["img"].permute(1, 2, 0).numpy())
+    refined = dense_crf(rgb, prob, **crf_params(cfg))
+    expected = classes[refined.argmax(0)]
+    assert np.array_equal(read_label_png(run / "seg_crf" / "val" / f"{item['name']}.png"), expected)
+    settings = json.loads((run / "seg_crf" / "val" / "settings.json").read_text())
+    assert settings["crf_min_prob"] == min_prob
+    assert "crf_min_prob" not in json.loads((run / "seg" / "val" / "settings.json").read_text())
+    with pytest.raises(ValueError, match=r"seg_crf/val holds outputs made with other settings \(crf_min_prob"):
+        _infer(run, "data.max_images=1", "eval.crf=true", "eval.crf_workers=0")  # the published protocol
+
+
+def test_two_shards_cover_the_split_disjointly_and_equal_one_machine(trained, tmp_path):
+    """run.num_shards=2 x 1 rank: machine i writes ids[i::2] (seg and seg_crf), into the same folders as one machine;
+    the overlays come from shard 0 only."""
+    single = _copy_run(trained, tmp_path / "single")
+    _infer(single, "eval.crf=true", "eval.crf_workers=0", "eval.num_overlays=2")
+    ids = build_dataset(_config(single), "val", "eval").ids
+    shared = _copy_run(trained, tmp_path / "shared")
+    common = ("eval.crf=true", "eval.crf_workers=0", "eval.num_overlays=2", "run.num_shards=2")
+    first = _infer(shared, *common, "run.shard_index=0")
+    for kind in ("seg", "seg_crf"):
+        assert sorted(_labels(shared / kind / "val")) == sorted(ids[0::2]), kind
+    second = _infer(shared, *common, "run.shard_index=1")
+    assert (first.net_images, second.net_images) == (len(ids[0::2]), len(ids[1::2]))  # disjoint: nothing twice
+    for kind in ("seg", "seg_crf"):
+        a, b = _labels(single / kind / "val"), _labels(shared / kind / "val")
+        assert sorted(a) == sorted(b) == sorted(ids)  # complete
+        assert all(np.array_equal(a[name], b[name]) for name in a), kind
+    assert sorted(p.stem for p in (shared / "seg" / "val_overlays").glob("*.png")) == sorted(ids[0::2][:2])
+    assert f"split val shard 1/2 ({len(ids[1::2])} of {len(ids)} ids)" in (shared / "infer_seg.log").read_text()
+    assert _infer(shared, "eval.crf=true", "eval.crf_workers=0").net_images == 0  # the union resumes as complete
+    # another shard with other settings is refused in the shared folder, even where its shard has no output yet
+    with pytest.raises(ValueError, match=r"claimed with other settings \(scales.*every shard"):
+        _infer(shared, "eval.scales=[1.0]", "run.num_shards=2", "run.shard_index=1", "data.max_images=1")
 
 
 def test_resuming_with_other_settings_is_refused(trained, tmp_path):
@@ -262,6 +363,39 @@ def test_infer_run_voc_pipeline_end_to_end(trained, tmp_path):
         assert isinstance(miou, float) and 0.0 <= miou <= 1.0, name
     assert (run / "eval" / "cams_train_sweep.png").is_file()
     assert "| segmentation head + DenseCRF | val |" in result.stdout  # the protocol table closes the pipeline
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_shards_then_scores_their_union(trained, tmp_path):
+    """scripts/infer_pipeline.sh with run.num_shards=2: each shard only produces (CAMs, pseudo labels, segmentation)
+    its ids[i::2]; the rerun without the shard keys finds everything done and evaluates the whole split."""
+    run = _copy_run(trained, tmp_path / "run")
+    overrides = ["run.device=cpu", "run.num_threads=1", "eval.crf_workers=0", "eval.sweep_step=0.1",
+                 "data.max_images=3"]  # fmt: skip
+    env = {**_env(), "NGPUS": "1"}
+
+    def pipeline(*extra: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(["bash", "infer_run_VOC.sh", str(run), *overrides, *extra], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+    cfg = _config(run, "data.max_images=3")
+    ids = {split: build_dataset(cfg, split, "eval").ids for split in ("train", "val")}
+    outputs = (("cams", ".npz", "train"), ("pseudo_labels", ".png", "train"), ("seg", ".png", "val"),
+               ("seg_crf", ".png", "val"))  # fmt: skip
+    first = pipeline("run.num_shards=2", "run.shard_index=0")
+    assert "this shard is done (run.num_shards=2)" in first.stdout
+    for folder, suffix, split in outputs:
+        assert sorted(p.stem for p in (run / folder / split).glob(f"*{suffix}")) == sorted(ids[split][0::2]), folder
+    assert not (run / "eval").exists()  # a shard scores nothing: its split is incomplete
+    pipeline("run.num_shards=2", "run.shard_index=1")
+    for folder, suffix, split in outputs:
+        assert sorted(p.stem for p in (run / folder / split).glob(f"*{suffix}")) == sorted(ids[split]), folder
+    final = pipeline()
+    for name in ("cams_train_sweep", "pseudo_labels_train", "seg_val", "seg_crf_val"):
+        assert json.loads((run / "eval" / f"{name}.json").read_text())["num_images"] == 3, name
+    assert "| segmentation head + DenseCRF | val |" in final.stdout
 
 
 def test_inference_autocast_follows_eval_precision(trained, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from losses import BalancedCrossEntropy
+from utils.syncs import count_syncs
 
 
 def test_known_answer_two_classes() -> None:
@@ -54,8 +55,28 @@ def test_ignored_pixels_get_no_gradient() -> None:
     assert (logits.grad[0, :, 0].abs() > 0).all()
 
 
-def test_bad_input_is_an_error() -> None:
+def test_bad_input_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="upsample"):
         BalancedCrossEntropy()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 2, dtype=torch.long))
+    # The value check reads the target on the host (a device sync): MSFC_DEBUG=1 only.
+    monkeypatch.setenv("MSFC_DEBUG", "1")
     with pytest.raises(ValueError, match=r"0\.\.2 or be 255"):
+        BalancedCrossEntropy()(torch.zeros(1, 3, 2, 2), torch.full((1, 2, 2), 7))
+
+
+def test_value_check_reads_nothing_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MSFC_DEBUG", raising=False)
+    logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    target[0, 0] = 255
+    with count_syncs() as counter:
+        loss = BalancedCrossEntropy()(logits, target)
+    assert counter.total == 0, counter.report()
+    monkeypatch.setenv("MSFC_DEBUG", "1")
+    with count_syncs() as counter:
+        checked = BalancedCrossEntropy()(logits, target)
+    assert counter.total == 1 and counter.by_kind == {"__bool__": 1}
+    assert torch.equal(checked, loss)  # same value, checked
+    monkeypatch.delenv("MSFC_DEBUG")
+    # Without the check, an out-of-range target is still an error on CPU (PyTorch's own; a device assert on CUDA).
+    with pytest.raises((IndexError, RuntimeError)):
         BalancedCrossEntropy()(torch.zeros(1, 3, 2, 2), torch.full((1, 2, 2), 7))

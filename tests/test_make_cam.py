@@ -168,13 +168,14 @@ def test_temporary_files_of_a_killed_export_are_swept_by_the_next_run(run: Path,
     script = tmp_path / "dying_export.py"
     script.write_text(DYING_EXPORT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, str(script), "--run-dir", str(copy)], cwd=REPO, env=env,
-                            capture_output=True, timeout=300)  # fmt: skip
+    # cam.write_threads=0: the files are written in the loop, so exactly the second one is cut short
+    killed = subprocess.run([sys.executable, str(script), "--run-dir", str(copy), "cam.write_threads=0"], cwd=REPO,
+                            env=env, capture_output=True, timeout=300)  # fmt: skip
     assert killed.returncode == -9, killed.stderr[-3000:]
     leftovers = list(folder.glob(".*.tmp"))
     assert len(leftovers) == 1 and leftovers[0].name.startswith(f".{_val(run)[1].ids[1]}.npz.")
     assert len(list(folder.glob("*.npz"))) == 1
-    assert make_cam.main(["--run-dir", str(copy)]) == 0
+    assert make_cam.main(["--run-dir", str(copy), "cam.write_threads=0"]) == 0
     assert not list(folder.glob(".*.tmp"))
     assert sorted(p.stem for p in folder.glob("*.npz")) == sorted(_val(run)[1].ids)
     assert f"removed 1 temporary file(s) left by a killed run in {folder}" in (copy / "make_cam.log").read_text()
@@ -200,6 +201,90 @@ def test_two_process_export_equals_single_process(run: Path, tmp_path: Path) -> 
             assert np.array_equal(left[key], right[key]), (a.name, key)
     # both ranks worked: the summary counts all images as processed in this run
     assert f"{len(single)} processed, 0 already done" in (out / "make_cam.log").read_text()
+
+
+def test_background_writers_write_the_files_of_the_main_loop_and_raise_their_failures(run: Path, tmp_path: Path):
+    copy = _fresh_copy(run, tmp_path / "run")  # the fixture's export used the default cam.write_threads (2)
+    assert load_run_config(run).cam.write_threads == 2
+    summary = make_cam.export_cams(load_run_config(copy, ["cam.write_threads=0"]))
+    _assert_same_cams(_cam_arrays(copy / "cams" / "val"), _cam_arrays(run / "cams" / "val"))
+    sizes = [p.stat().st_size for p in (copy / "cams" / "val").glob("*.npz")]
+    assert summary["bytes_per_image"] == pytest.approx(sum(sizes) / len(sizes))
+    arrays = {"classes": np.array([1], np.int16), "cam": np.zeros((1, 2, 2), np.uint8)}
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    writer = make_cam.CamWriter(1)
+    writer.submit(tmp_path / "ok.npz", arrays)
+    writer.submit(blocker / "x.npz", arrays)  # its folder cannot be created: the failure surfaces in the caller
+    with pytest.raises(OSError):
+        writer.close()
+    assert (tmp_path / "ok.npz").is_file() and writer.bytes == (tmp_path / "ok.npz").stat().st_size
+    with pytest.raises(ValueError, match=r"cam.write_threads must be >= 0"):
+        make_cam.CamWriter(-1)
+
+
+def test_uint8_export_is_the_float16_export_quantised_and_smaller(run: Path, tmp_path: Path, capsys) -> None:
+    copy = _fresh_copy(run, tmp_path / "run")
+    summary = make_cam.export_cams(load_run_config(copy, ["cam.file_dtype=uint8"]))
+    folder = copy / "cams" / "val"
+    assert json.loads((folder / "settings.json").read_text())["file_dtype"] == "uint8"
+    assert "file_dtype" not in json.loads((run / "cams" / "val" / "settings.json").read_text())  # float16: as before
+    u8_bytes = f16_bytes = 0
+    for name in _val(run)[1].ids:
+        raw = load_npz(folder / f"{name}.npz")
+        assert raw["cam"].dtype == raw["cam_aux"].dtype == np.uint8
+        u8, f16 = read_cams(folder / f"{name}.npz"), read_cams(run / "cams" / "val" / f"{name}.npz")
+        assert u8.classes.tolist() == f16.classes.tolist()
+        for key in ("cam", "cam_aux"):  # round(v * 255) / 255 is within half a step of v; float16 within FP16_TOL
+            assert np.abs(u8.maps(key) - f16.maps(key)).max() <= 0.5 / 255 + FP16_TOL
+        u8_bytes += (folder / f"{name}.npz").stat().st_size
+        f16_bytes += (run / "cams" / "val" / f"{name}.npz").stat().st_size
+    assert u8_bytes < f16_bytes
+    assert summary["bytes_per_image"] == pytest.approx(u8_bytes / summary["processed"])
+    assert "KiB/image (uint8)" in (copy / "make_cam.log").read_text()
+    # one folder holds one kind: resuming it as float16 is refused
+    message = _user_error(capsys, ["--run-dir", str(copy)])
+    assert "holds outputs made with other settings (file_dtype: 'uint8' -> None)" in message
+
+
+def _cam_arrays(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    return {path.stem: load_npz(path) for path in sorted(folder.glob("*.npz"))}
+
+
+def _assert_same_cams(a: dict[str, dict[str, np.ndarray]], b: dict[str, dict[str, np.ndarray]]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert np.array_equal(a[name][key], b[name][key]), (name, key)
+
+
+def test_two_shards_export_disjoint_halves_that_merge_into_the_single_machine_export(run: Path, tmp_path: Path):
+    """run.num_shards=2: machine i exports ids[i::2], into one shared folder or into copies merged by copying."""
+    ids = _val(run)[1].ids
+    single = _cam_arrays(run / "cams" / "val")
+    shared = _fresh_copy(run, tmp_path / "shared")
+    first = make_cam.export_cams(load_run_config(shared, ["run.num_shards=2", "run.shard_index=0"]))
+    assert sorted(p.stem for p in (shared / "cams" / "val").glob("*.npz")) == sorted(ids[0::2])
+    assert (first["processed"], first["skipped"], first["shard"]) == (len(ids[0::2]), 0, "0/2")
+    assert first["total"] == len(ids)
+    second = make_cam.export_cams(load_run_config(shared, ["run.num_shards=2", "run.shard_index=1"]))
+    assert second["processed"] == len(ids[1::2]) and len(ids[0::2]) + len(ids[1::2]) == len(ids)
+    _assert_same_cams(_cam_arrays(shared / "cams" / "val"), single)  # complete, and equal to one machine's
+    assert f"(shard 1/2: {len(ids[1::2])} of them)" in (shared / "make_cam.log").read_text()
+    # the other layout: each machine its own copy of the run folder, the shards' folders merged by copying
+    machines = [_fresh_copy(run, tmp_path / f"machine{i}") for i in range(2)]
+    for index, machine in enumerate(machines):
+        make_cam.export_cams(load_run_config(machine, ["run.num_shards=2", f"run.shard_index={index}"]))
+    shutil.copytree(machines[1] / "cams", machines[0] / "cams", dirs_exist_ok=True)
+    _assert_same_cams(_cam_arrays(machines[0] / "cams" / "val"), single)
+    # the merged folder resumes as a whole on one machine: nothing left to do
+    assert make_cam.export_cams(load_run_config(machines[0]))["processed"] == 0
+    # a shard index beyond the shard count is a one-line error, before anything is written
+    other = _fresh_copy(run, tmp_path / "other")
+    with pytest.raises(ValueError, match=r"run.shard_index must be in 0..run.num_shards-1.*index 2 of num_shards 2"):
+        make_cam.export_cams(load_run_config(other, ["run.num_shards=2", "run.shard_index=2"]))
+    assert not list((other / "cams" / "val").glob("*"))
 
 
 def test_missing_image_is_a_clear_error(run: Path, tmp_path: Path, capsys) -> None:

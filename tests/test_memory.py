@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models.memory import MemoryBank, fuse_similarity
+from utils.syncs import count_syncs
 
 
 def tokens_from_columns(*images: list[tuple[float, float]]) -> torch.Tensor:
@@ -114,10 +115,12 @@ def test_state_dict_round_trip():
     assert restored.initialized.dtype == torch.bool
 
 
-def test_bad_input_raises():
+def test_bad_input_raises(monkeypatch: pytest.MonkeyPatch):
     bank = MemoryBank(num_classes=3, dim=2)
+    monkeypatch.setenv("MSFC_DEBUG", "1")  # the label check is a host read: debug mode only
     with pytest.raises(ValueError, match=r"0\.\.3 or 255.*\[7\]"):
         bank.accumulate(torch.zeros(1, 2, 1, 2), torch.tensor([[[1, 7]]]))
+    monkeypatch.delenv("MSFC_DEBUG")
     with pytest.raises(ValueError, match="proto_labels"):
         bank.accumulate(torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="tokens"):
@@ -176,3 +179,49 @@ def test_two_rank_update_equals_single_process(tmp_path: Path):
         torch.testing.assert_close(res["state"]["bank"], single.bank, atol=1e-6, rtol=0)
         assert torch.equal(res["state"]["initialized"], single.initialized)
     assert torch.equal(results[0]["state"]["bank"], results[1]["state"]["bank"])  # identical on both ranks
+
+
+def test_accumulate_and_update_read_nothing_by_default(monkeypatch: pytest.MonkeyPatch):
+    """No host read in accumulate (its label check is MSFC_DEBUG=1 only) nor in update(return_ids=False)."""
+    monkeypatch.delenv("MSFC_DEBUG", raising=False)
+    bank, checked = MemoryBank(num_classes=3, dim=2, min_count=1), MemoryBank(num_classes=3, dim=2, min_count=1)
+    tokens, labels = tokens_from_columns([(1.0, 0.0), (0.0, 2.0)]), torch.tensor([[[1, 7]]])
+    with count_syncs() as counter:
+        bank.accumulate(tokens, labels)  # the out-of-range 7 matches no class: left out
+        assert bank.update(return_ids=False) is None
+    assert counter.total == 0, counter.report()
+    monkeypatch.setenv("MSFC_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        checked.accumulate(tokens, labels)
+    checked.accumulate(tokens, torch.tensor([[[1, 0]]]))
+    assert checked.update() == [1]
+    assert torch.equal(checked.bank, bank.bank) and torch.equal(checked.initialized, bank.initialized)
+
+
+def test_any_initialized_reads_the_flags_only_after_they_change():
+    bank = MemoryBank(num_classes=3, dim=2, min_count=1)
+    tokens = tokens_from_columns([(1.0, 0.0), (0.0, 2.0)])
+
+    def reads() -> tuple[bool, int]:
+        with count_syncs() as counter:
+            answer = bank.any_initialized()
+        return answer, counter.total
+
+    assert reads() == (False, 1)
+    assert reads() == (False, 0)  # unchanged: cached
+    bank.update(return_ids=False)  # nothing ready: the flags were written (|=), so read once more
+    assert reads() == (False, 1)
+    bank.accumulate(tokens, torch.tensor([[[2, 0]]]))
+    bank.update(return_ids=False)
+    assert reads() == (True, 1)
+    bank.accumulate(tokens, torch.tensor([[[3, 0]]]))
+    bank.update(return_ids=False)  # only adds classes: a True answer stays valid without a read
+    assert reads() == (True, 0)
+    bank.load_state_dict(MemoryBank(num_classes=3, dim=2).state_dict())  # in place: invalidates
+    assert reads() == (False, 1)
+    bank.initialized.fill_(True)
+    assert reads() == (True, 1)
+    bank.to(torch.float64)  # module.to: the bool buffer may be replaced; never a stale answer
+    assert bank.any_initialized()
+    bank.initialized = torch.zeros(3, dtype=torch.bool)  # a new tensor
+    assert reads() == (False, 1)

@@ -1,4 +1,4 @@
-"""utils/outputs.py's output-folder helpers: the temporary-file sweep and settings.json (record, refuse, re-claim)."""
+"""utils/outputs.py: the temporary-file sweep, settings.json (record, refuse, re-claim) and shards of a split."""
 
 from __future__ import annotations
 
@@ -11,9 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from utils import dist, outputs
+from utils.config import ConfigError
 from utils.errors import UserError
 from utils.io import atomic_path, save_label_png
-from utils.outputs import TEMP_FILE, check_settings, prepare_outputs, sweep_temp_files
+from utils.outputs import (
+    TEMP_FILE,
+    Shard,
+    check_settings,
+    create_json_exclusively,
+    pending_indices,
+    prepare_outputs,
+    sweep_temp_files,
+)
 
 
 class _Interrupted(Exception):
@@ -98,3 +108,92 @@ def test_prepare_outputs_sweeps_claims_and_refuses(tmp_path: Path) -> None:
     (seg / "a.png").write_bytes(b"png")
     with pytest.raises(UserError, match="holds outputs made with other settings"):
         prepare_outputs([(seg, {"scales": [0.5]})], time.time())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several machines (run.shard_index / run.num_shards)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_shards_split_a_split_into_disjoint_parts_that_cover_it(tmp_path: Path) -> None:
+    ids = [f"im{i}" for i in range(11)]
+    shards = [Shard(i, 3) for i in range(3)]
+    parts = [shard.indices(len(ids)) for shard in shards]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]  # ids[i::3]
+    assert sorted(i for part in parts for i in part) == list(range(len(ids)))
+    assert shards[1].ids(ids) == ["im1", "im4", "im7", "im10"] and str(shards[1]) == "1/3"
+    # one process: a shard's rank share is the whole shard; the default is the whole split
+    assert shards[2].rank_indices(len(ids)) == [2, 5, 8] and Shard().indices(3) == [0, 1, 2]
+    assert not Shard().sharded and shards[0].sharded
+    (tmp_path / "im4.png").write_bytes(b"done")  # resumable per shard: only the shard's own outputs count
+    assert pending_indices(ids, tmp_path, ".png", shards[1]) == ([1, 7, 10], 1)
+    assert pending_indices(ids, tmp_path, ".png", shards[0]) == ([0, 3, 6, 9], 0)
+    assert pending_indices(ids, tmp_path, ".png") == ([i for i in range(11) if i != 4], 1)
+    for index, count in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ConfigError, match=r"run.shard_index must be in 0..run.num_shards-1"):
+            Shard(index, count)
+
+
+def test_shard_ranks_split_the_machines_share_again() -> None:
+    """Machine i takes ids[i::N]; its ranks split that: global rank i + N*rank of N*world, whatever world is."""
+    n, shards, world = 17, 3, 2
+    covered = []
+    for index in range(shards):
+        machine = Shard(index, shards).indices(n)
+        for rank in range(world):
+            mine = dist.shard(machine, rank, world)
+            assert mine == list(range(n))[index + shards * rank :: shards * world]
+            covered += mine
+    assert sorted(covered) == list(range(n))
+
+
+def test_settings_json_is_created_exclusively(tmp_path: Path, monkeypatch) -> None:
+    assert create_json_exclusively(tmp_path / "settings.json", {"a": 1})
+    assert not create_json_exclusively(tmp_path / "settings.json", {"a": 2})  # the first record wins
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"a": 1}
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file is gone either way
+    # a machine that finds no record, but loses the race to create it, compares with the winner's record
+    real = create_json_exclusively
+
+    def another_machine_wins(path: Path, obj: object) -> bool:
+        real(path, {"scales": [0.5]})
+        return real(path, obj)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setattr(outputs, "create_json_exclusively", another_machine_wins)
+    with pytest.raises(UserError, match=r"claimed with other settings \(scales: \[0.5\] -> \[1.0\]\); every shard"):
+        check_settings(other, {"scales": [1.0]}, write=True, shared=True)
+    check_settings(other, {"scales": [0.5]}, write=True, shared=True)  # agreeing settings pass
+
+
+def test_a_sharded_run_never_re_claims_a_folder(tmp_path: Path) -> None:
+    check_settings(tmp_path, {"scales": [1.0]}, write=True, shared=True)
+    check_settings(tmp_path, {"scales": [1.0]}, write=True, shared=True)  # a second shard with the same settings
+    # no output yet, but the record may belong to a shard that is starting: refused, the record kept
+    with pytest.raises(UserError, match=r"every shard \(run.num_shards\) must run with the same settings.*delete "):
+        check_settings(tmp_path, {"scales": [0.5]}, write=True, shared=True)
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"scales": [1.0]}
+    check_settings(tmp_path, {"scales": [0.5]}, write=True)  # unsharded, the empty folder is re-claimed as before
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"scales": [0.5]}
+
+
+def test_a_checkpoint_copied_without_its_time_is_named_in_the_refusal(tmp_path: Path) -> None:
+    checkpoint = {"path": "checkpoints/last.pth", "bytes": 10, "mtime_ns": 1}
+    check_settings(tmp_path, {"checkpoint": checkpoint}, write=True)
+    (tmp_path / "a.png").write_bytes(b"png")
+    with pytest.raises(UserError, match=r"differs in its modification time only.*rsync -a"):
+        check_settings(tmp_path, {"checkpoint": {**checkpoint, "mtime_ns": 2}}, write=True)
+    with pytest.raises(UserError, match=r"other settings \(checkpoint: [^—]*\); delete the folder"):  # no hint
+        check_settings(tmp_path, {"checkpoint": {**checkpoint, "bytes": 11}}, write=True)
+
+
+def test_a_sharded_sweep_touches_only_its_own_ids_temporary_files(tmp_path: Path) -> None:
+    ids = ["a", "b", "c", "d"]
+    stale = {name: _leftover(tmp_path, f"{name}.png", age=60) for name in ids}
+    settings_tmp = _leftover(tmp_path, "settings.json", age=60)
+    prepare_outputs([(tmp_path, {"scales": [1.0]})], time.time(), Shard(1, 2), ids)  # this machine: b, d
+    assert sorted(name for name, path in stale.items() if path.exists()) == ["a", "c"]
+    assert settings_tmp.exists()  # not an id's: left to an unsharded run
+    prepare_outputs([(tmp_path, {"scales": [1.0]})], time.time())
+    assert not list(tmp_path.glob(".*.tmp"))

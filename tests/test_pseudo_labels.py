@@ -367,6 +367,60 @@ def test_tool_errors_name_the_missing_cams(cam_run, tmp_path: Path, capsys) -> N
         make_pseudo_labels.make_pseudo_labels(load_config(other / "config.yaml", [f"run.out_dir={other}"]))
 
 
+def _copy_config(run: Path, dest: Path) -> Path:
+    """A run folder with ``run``'s config only (no CAMs, no labels)."""
+    (dest / "cams" / "val").mkdir(parents=True)
+    cfg = load_config(run / "config.yaml", [f"run.out_dir={dest}"])
+    save_config(cfg, dest)
+    return dest
+
+
+def test_tool_reads_uint8_cam_files_like_float16_ones(cam_run, tmp_path: Path) -> None:
+    """cam.file_dtype=uint8 folders: the known CAM values (0.9, 0.5, 0.05) quantise to 230, 128 and 13 / 255, on the
+    same side of every threshold (demo: 0.45, 0.25, 0.15), so the dual labels equal those of the float16 files."""
+    run, masks = cam_run
+    shutil.rmtree(_outputs(run), ignore_errors=True)
+    assert make_pseudo_labels.main(["--run-dir", str(run), "pseudo.cam_key=cam_aux"]) == 0
+    other = _copy_config(run, tmp_path / "uint8")
+    for name in masks:
+        cams = read_cams(run / "cams" / "val" / f"{name}.npz")
+        arrays = {"classes": cams.classes.astype(np.int16)}
+        arrays.update({key: np.rint(cams.maps(key) * 255).astype(np.uint8) for key in ("cam", "cam_aux")})
+        save_npz(other / "cams" / "val" / f"{name}.npz", arrays)
+    assert make_pseudo_labels.main(["--run-dir", str(other), "pseudo.cam_key=cam_aux"]) == 0
+    foreground = 0
+    for name in masks:
+        a, b = (read_label_png(_outputs(folder) / f"{name}.png") for folder in (run, other))
+        np.testing.assert_array_equal(a, b)
+        foreground += int(((a > 0) & (a != IGN)).sum())
+    assert foreground > 0
+
+
+def test_two_shards_need_only_their_own_cams_and_write_disjoint_halves(cam_run, tmp_path: Path, capsys) -> None:
+    run, _ = cam_run
+    shutil.rmtree(_outputs(run), ignore_errors=True)
+    assert make_pseudo_labels.main(["--run-dir", str(run)]) == 0  # one machine, the reference
+    ids = build_dataset(load_config(run / "config.yaml"), "val", "eval").ids
+    machines = [_copy_config(run, tmp_path / f"machine{i}") for i in range(2)]
+    for index, machine in enumerate(machines):  # each machine holds the CAM files of its own shard only
+        for name in ids[index::2]:
+            shutil.copy(run / "cams" / "val" / f"{name}.npz", machine / "cams" / "val" / f"{name}.npz")
+        args = ["--run-dir", str(machine), "run.num_shards=2", f"run.shard_index={index}"]
+        summary = make_pseudo_labels.make_pseudo_labels(config_from_args(_parse(args)))
+        assert (summary["processed"], summary["shard"]) == (len(ids[index::2]), f"{index}/2")
+        assert summary["total"] == len(ids)
+        assert sorted(p.stem for p in _outputs(machine).glob("*.png")) == sorted(ids[index::2])
+    # shard 1's CAMs are not on machine 0: its shard 1 is refused, naming the shard and the ids
+    message = _user_error(capsys, ["--run-dir", str(machines[0]), "run.num_shards=2", "run.shard_index=1"])
+    assert re.search(rf"{len(ids[1::2])} id\(s\) of shard 1/2 of split 'val' have no CAM file.*{ids[1]}", message)
+    assert "run.num_shards=2 run.shard_index=1`" in message
+    shutil.copytree(_outputs(machines[1]), _outputs(machines[0]), dirs_exist_ok=True)  # the merge
+    merged, single = _outputs(machines[0]), _outputs(run)
+    assert sorted(p.name for p in merged.glob("*.png")) == sorted(p.name for p in single.glob("*.png"))
+    for path in single.glob("*.png"):
+        np.testing.assert_array_equal(read_label_png(merged / path.name), read_label_png(path))
+
+
 def _user_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
     """Run the tool's main on ``argv``; it must fail as a user error (:func:`tests.user_errors.user_error_line`)."""
     return user_error_line(make_pseudo_labels.main, argv, capsys)

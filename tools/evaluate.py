@@ -27,7 +27,12 @@ the source, or ``cams_aux`` for ``--cam-key cam_aux``. With ``eval.results_log=F
 ``checkpoint`` recorded is the one ``eval.checkpoint`` resolves to now (None if the run has none).
 
 A missing or malformed prediction, a bad option or config value ends the tool with one ``error: ...`` line naming the
-file or key and exit code 2 (``utils.errors``).
+file or key and exit code 2 (``utils.errors``); missing predictions are listed (the first few ids and their count).
+
+Outputs made on several machines (``run.num_shards``, ``utils.outputs.Shard``) are scored once every shard's files
+are in the run folder (copied there, or written to a shared one): the tool always scores the whole split, whatever
+``run.shard_index`` / ``run.num_shards`` say, sharding only over its own torchrun ranks. CAM files of either
+``cam.file_dtype`` are read the same way (``core.camfile.read_cams``).
 """
 
 from __future__ import annotations
@@ -255,6 +260,7 @@ def check_complete(folder: Path, ids: Sequence[str], source: Source, cfg: DictCo
     raise FileNotFoundError(
         f"{len(missing)} of {len(ids)} image(s) of split {split!r} have no prediction {folder}/<id>{source.suffix}: "
         f"{preview(missing)}. Produce them with: python -m {source.command} --run-dir {cfg.run.out_dir}{split_arg}"
+        " (made in shards, run.num_shards: every shard must have finished, its files copied into this folder)"
     )
 
 
@@ -316,6 +322,9 @@ def evaluate(
         raise FileNotFoundError(f"split {split!r} has no ground-truth masks, so it cannot be evaluated (eval.split)")
     spec = SOURCES[source]
     folder = Path(cfg.run.out_dir) / spec.folder / split
+    if int(cfg.run.num_shards) > 1:
+        logger.info("run.num_shards=%d: evaluate scores the whole split (the union of every shard's outputs)",
+                    int(cfg.run.num_shards))  # fmt: skip
     check_complete(folder, dataset.ids, spec, cfg, split)
 
     num_classes, ignore = int(cfg.data.num_classes), int(cfg.data.ignore_index)

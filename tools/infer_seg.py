@@ -18,15 +18,26 @@ network, as ``eval.resize_mode`` says (long_side, or square = 448x448 for COCO);
 output has the image's original size.
 
 Scales, flip, fusion and the autocast precision (``eval.precision``, by default ``train.precision``; CUDA only)
-come from ``eval.*``. Work is sharded over torchrun ranks (``ids[rank::world]``) and is
-resumable per output folder: an image is skipped where its outputs exist, so a second run does no work, and a run
-with ``eval.crf=true`` after a plain one only does the CRF work (recomputing the logits, never requiring saved ones).
-Each folder's ``settings.json`` records what determines its outputs (checkpoint, scales, fusion, CRF parameters);
-resuming with other settings is refused rather than mixing outputs (a folder that holds no prediction yet is
-re-claimed instead). Temporary files a killed run left in the output folders are swept at start, and the DenseCRF
-workers (and their forkserver) die with the process that started them, even when it is SIGKILLed (``utils.crf``).
+come from ``eval.*``. Work is sharded over torchrun ranks (``ids[rank::world]``) and, with ``run.num_shards=N
+run.shard_index=i``, over machines (machine i takes ``ids[i::N]``, its ranks split them again; the folders are those
+of one machine, merged by copying or shared: ``utils.outputs.Shard``), and is resumable per output folder: an image
+is skipped where its outputs exist, so a second run does no work, and a run with ``eval.crf=true`` after a plain one
+only does the CRF work (recomputing the logits, never requiring saved ones). Each folder's ``settings.json`` records
+what determines its outputs (checkpoint, scales, fusion, CRF parameters); resuming with other settings is refused
+rather than mixing outputs (a folder that holds no prediction yet is re-claimed instead, never by a sharded run).
+Temporary files a killed run left in the output folders are swept at start, and the DenseCRF workers (and their
+forkserver) die with the process that started them, even when it is SIGKILLed (``utils.crf``).
 CRF jobs stream through a process pool as the network produces them and results are written as they come back, so
-at most a few images' probabilities are ever held in memory.
+at most a few images' probabilities are ever held in memory; with ``eval.crf`` nothing but the PNGs is written (the
+logits and probabilities never touch the disk unless ``eval.save_logits=true`` asks for the logits).
+
+DenseCRF runs over every class by default (SPEC §5.2). ``eval.crf_min_prob`` = p > 0 runs it over background and the
+classes whose softmax reaches p somewhere in the image only, with their probabilities unchanged (pydensecrf's
+mean-field starts from them renormalised; a per-pixel constant in the unaries changes nothing else). At COCO size a
+DenseCRF costs ~3 CPU s of set-up plus ~0.13 s per class: ~13 s over 81 classes, ~3.7 s over background + 3. It is
+not exact: the dropped classes' mass no longer enters the per-pixel normalisation of the mean-field, which can flip
+near-ties (the demo: 0 pixels changed at p <= 0.01; docs/coco_eval.md). A p <= 1 / data.num_classes keeps every class
+the network predicts somewhere.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ from utils.config import ConfigError
 from utils.crf import CRFPool, crf_params
 from utils.io import save_label_png, save_npz
 from utils.logging import setup_logging
-from utils.outputs import output_dir, pending_indices, prepare_outputs, run_tool, split_name
+from utils.outputs import Shard, output_dir, pending_indices, prepare_outputs, run_tool, split_name
 from utils.visualize import overlay, save_image, side_by_side
 
 logger = logging.getLogger("tools.infer_seg")
@@ -112,19 +123,67 @@ class Stats:
     net_seconds: float = 0.0
     producer_seconds: float = 0.0  # everything the network stage did (loading, network, writing)
     crf_seconds: float = 0.0
+    crf_classes: int = 0  # classes DenseCRF ran over, summed over the CRF images (eval.crf_min_prob)
+    seg_bytes: int = 0  # bytes of the seg PNGs (and saved logits) written
+    crf_bytes: int = 0  # bytes of the seg_crf PNGs written
     overlays: list[Path] = field(default_factory=list)
 
 
-def plan_work(cfg: DictConfig, ids: list[str], folders: Folders) -> Plan:
-    """Which of this rank's images still need which output (resumable per output folder)."""
-    seg_todo, _ = pending_indices(ids, folders.seg, ".png")
+def plan_work(cfg: DictConfig, ids: list[str], folders: Folders, shard: Shard | None = None) -> Plan:
+    """Which of this rank's images still need which output (resumable per output folder).
+
+    Overlays are drawn by rank 0 of shard 0 only, so a sharded split gets as many as an unsharded one.
+    """
+    shard = shard or Shard()
+    seg_todo, _ = pending_indices(ids, folders.seg, ".png", shard)
     seg = set(seg_todo)
     if folders.logits is not None:
-        seg |= set(pending_indices(ids, folders.logits, ".npz")[0])
-    crf = set(pending_indices(ids, folders.crf, ".png")[0]) if folders.crf is not None else set()
-    mine = dist.shard(range(len(ids)))
-    overlays = set(mine[: int(cfg.eval.num_overlays)]) if dist.is_main_process() else set()
+        seg |= set(pending_indices(ids, folders.logits, ".npz", shard)[0])
+    crf = set(pending_indices(ids, folders.crf, ".png", shard)[0]) if folders.crf is not None else set()
+    mine = shard.rank_indices(len(ids))
+    draws = dist.is_main_process() and shard.index == 0
+    overlays = set(mine[: int(cfg.eval.num_overlays)]) if draws else set()
     return Plan(seg=seg, crf=crf, overlays=overlays, done=len(mine) - len(seg | crf))
+
+
+def crf_min_prob(cfg: DictConfig) -> float:
+    """``eval.crf_min_prob``, checked (0 = DenseCRF over every class)."""
+    value = float(cfg.eval.crf_min_prob)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"eval.crf_min_prob must be a number in [0, 1] (0 = every class), got {value}")
+    return value
+
+
+def crf_input(logits: torch.Tensor, min_prob: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """DenseCRF's input for one image: the softmax of the fused logits, over every class or a subset.
+
+    Args:
+        logits: [C, H, W] fused logits.
+        min_prob: 0 = every class; else background and the classes whose probability reaches it at some pixel.
+
+    Returns:
+        (prob float32 [C', H, W], the C' class ids as uint8 [C'] or None when C' = C). The kept classes'
+        probabilities are not renormalised (they are DenseCRF's unaries; its mean-field renormalises them).
+    """
+    prob = torch.softmax(logits.float(), dim=0)
+    if min_prob <= 0:
+        return prob.cpu().numpy(), None
+    keep = prob.flatten(1).amax(1) >= min_prob
+    keep[0] = True  # background is always a candidate
+    if bool(keep.all()):
+        return prob.cpu().numpy(), None
+    classes = torch.nonzero(keep).flatten()
+    return prob[classes].cpu().numpy(), classes.cpu().numpy().astype(np.uint8)
+
+
+def crf_settings(cfg: DictConfig, seg_settings: dict) -> dict:
+    """What determines the seg_crf outputs: the seg settings, ``crf.*`` and a non-zero ``eval.crf_min_prob`` (left out
+    at 0, so the folders of runs from before the key existed stay resumable)."""
+    out = {**seg_settings, "crf": crf_params(cfg)}
+    min_prob = crf_min_prob(cfg)
+    if min_prob > 0:
+        out["crf_min_prob"] = min_prob
+    return out
 
 
 def output_settings(cfg: DictConfig, device: torch.device) -> dict:
@@ -168,10 +227,12 @@ def network_stage(
     """Run the network over the pending images, write the seg outputs, and yield the CRF jobs.
 
     Yields:
-        ``(name, image uint8 [H, W, 3], softmax float32 [C, H, W])`` for every image that needs its CRF output.
-        The ground truth of overlay images is parked in ``overlay_gts`` until their CRF result comes back.
+        ``(name, image uint8 [H, W, 3], softmax float32 [C', H, W], class ids [C'] | None)`` for every image that
+        needs its CRF output (:func:`crf_input`: C' = C and None unless ``eval.crf_min_prob`` > 0). The ground truth
+        of overlay images is parked in ``overlay_gts`` until their CRF result comes back.
     """
     ev = cfg.eval
+    min_prob = crf_min_prob(cfg)
     progress = tqdm(total=len(plan.todo), desc="infer_seg", disable=not dist.is_main_process(), dynamic_ncols=True)
     start = time.perf_counter()
     try:
@@ -189,8 +250,10 @@ def network_stage(
             rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
             if index in plan.seg:
                 save_label_png(folders.seg / f"{name}.png", prediction)
+                stats.seg_bytes += (folders.seg / f"{name}.png").stat().st_size
                 if folders.logits is not None:
                     save_npz(folders.logits / f"{name}.npz", {"logits": logits.to(torch.float16).cpu().numpy()})
+                    stats.seg_bytes += (folders.logits / f"{name}.npz").stat().st_size
                 if index in plan.overlays:
                     _write_overlay(folders.seg_overlays / f"{name}.png", rgb, prediction, gt)
                     stats.overlays.append(folders.seg_overlays / f"{name}.png")
@@ -199,9 +262,9 @@ def network_stage(
             if index in plan.crf:
                 if index in plan.overlays:
                     overlay_gts[name] = gt
-                prob = torch.softmax(logits.float(), dim=0).cpu().numpy()
+                prob, classes = crf_input(logits, min_prob)
                 stats.producer_seconds += time.perf_counter() - start
-                yield name, rgb, prob
+                yield name, rgb, prob, classes
                 start = time.perf_counter()
         stats.producer_seconds += time.perf_counter() - start
     finally:  # however the stage ends, so an error message starts on a line of its own
@@ -210,18 +273,22 @@ def network_stage(
 
 def crf_stage(
     cfg: DictConfig,
-    jobs: Iterator[tuple[str, np.ndarray, np.ndarray]],
+    jobs: Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
     folders: Folders,
     stats: Stats,
     overlay_gts: dict[str, np.ndarray | None],
 ) -> None:
     """Refine ``jobs`` with DenseCRF in a pool of ``eval.crf_workers`` processes, writing results as they arrive."""
     rgbs: dict[str, np.ndarray] = {}  # images of pending overlay jobs only (bounded by eval.num_overlays)
+    subsets: dict[str, np.ndarray] = {}  # class ids of the jobs in flight that run over a subset (crf_min_prob)
 
     def keep_overlay_images() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        for name, rgb, prob in jobs:
+        for name, rgb, prob, classes in jobs:
             if name in overlay_gts:
                 rgbs[name] = rgb
+            if classes is not None:
+                subsets[name] = classes
+            stats.crf_classes += len(prob)
             yield name, rgb, prob
 
     with CRFPool(int(cfg.eval.crf_workers), **crf_params(cfg)) as pool:
@@ -235,7 +302,10 @@ def crf_stage(
             # Time spent inside next() minus the network work it triggered = time blocked on the CRF.
             stats.crf_seconds += (time.perf_counter() - tick) - (stats.producer_seconds - produced)
             label = refined.argmax(0).astype(np.uint8)
+            if name in subsets:
+                label = subsets.pop(name)[label]
             save_label_png(folders.crf / f"{name}.png", label)
+            stats.crf_bytes += (folders.crf / f"{name}.png").stat().st_size
             if name in overlay_gts:
                 path = folders.crf_overlays / f"{name}.png"
                 _write_overlay(path, rgbs.pop(name), label, overlay_gts.pop(name))
@@ -245,9 +315,10 @@ def crf_stage(
 
 def _summarise(stats: Stats, plan_done: int, device: torch.device, split: str, crf: bool) -> None:
     """Log totals over all ranks: written/skipped images and images/s of the network and of the CRF."""
-    values = [stats.seg_images, stats.crf_images, stats.net_images, stats.net_seconds, stats.crf_seconds, plan_done]
+    values = [stats.seg_images, stats.crf_images, stats.net_images, stats.net_seconds, stats.crf_seconds, plan_done,
+              stats.seg_bytes, stats.crf_bytes, stats.crf_classes]  # fmt: skip
     totals = dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
-    seg_images, crf_images, net_images, net_seconds, crf_seconds, done = totals
+    seg_images, crf_images, net_images, net_seconds, crf_seconds, done, seg_bytes, crf_bytes, classes = totals
     world = dist.get_world_size()
     # Seconds are summed over ranks, so images / seconds is the per-process rate; times world is the aggregate.
     net_rate = net_images / net_seconds if net_seconds > 0 else 0.0
@@ -256,10 +327,13 @@ def _summarise(stats: Stats, plan_done: int, device: torch.device, split: str, c
         "image(s), %.2f img/s per process (%d process(es))", split, seg_images, crf_images, done, net_images,
         net_rate, world,
     )  # fmt: skip
+    if seg_images:
+        logger.info("seg: %.1f KiB written per image (PNG, and logits when saved)", seg_bytes / seg_images / 1024)
     if crf and crf_images:
         crf_rate = f"{crf_images / crf_seconds:.2f} img/s" if crf_seconds > 1e-3 else "kept up with the network"
-        logger.info("DenseCRF: %d image(s), %.1f s waited per process on average: %s", crf_images,
-                    crf_seconds / world, crf_rate)  # fmt: skip
+        logger.info("DenseCRF: %d image(s) over %.1f classes on average, %.1f s waited per process on average: %s; "
+                    "%.1f KiB per seg_crf PNG", crf_images, classes / crf_images, crf_seconds / world, crf_rate,
+                    crf_bytes / crf_images / 1024)  # fmt: skip
     if stats.overlays:
         logger.info("overlays: %s", ", ".join(sorted({str(p.parent) for p in stats.overlays})))
 
@@ -277,18 +351,21 @@ def run_inference(cfg: DictConfig) -> Stats:
     seg_settings = output_settings(cfg, device)
     claims = [(folders.seg, seg_settings), (folders.seg_overlays, None)]
     if folders.crf is not None:
-        claims += [(folders.crf, {**seg_settings, "crf": crf_params(cfg)}), (folders.crf_overlays, None)]
-    prepare_outputs(claims, started)
-    plan = plan_work(cfg, dataset.ids, folders)
+        claims += [(folders.crf, crf_settings(cfg, seg_settings)), (folders.crf_overlays, None)]
+    shard = Shard.from_config(cfg)
+    prepare_outputs(claims, started, shard, dataset.ids)
+    plan = plan_work(cfg, dataset.ids, folders, shard)
     stats = Stats()
     pending = dist.all_reduce_sum(torch.tensor([len(plan.todo)], dtype=torch.int64, device=device)).item()
     outputs = ", ".join(str(p) for p in (folders.seg, folders.logits, folders.crf) if p is not None)
+    total = len(dataset.ids)
+    part = f" shard {shard} ({len(shard.indices(total))} of {total} ids)" if shard.sharded else ""
     if pending == 0:
-        logger.info("nothing to do: all %d image(s) of split %s already have their outputs in %s", len(dataset.ids),
-                    split, outputs)  # fmt: skip
+        logger.info("nothing to do: all %d image(s) of split %s%s already have their outputs in %s",
+                    len(shard.indices(total)), split, part, outputs)  # fmt: skip
         return stats
-    logger.info("split %s: %d image(s) to process (%d on this rank, %d already complete here) -> %s", split, pending,
-                len(plan.todo), plan.done, outputs)  # fmt: skip
+    logger.info("split %s%s: %d image(s) to process (%d on this rank, %d already complete here) -> %s", split, part,
+                pending, len(plan.todo), plan.done, outputs)  # fmt: skip
     if plan.todo:
         model = load_trained_model(cfg, device)
         loader = DataLoader(Subset(dataset, plan.todo), batch_size=1, num_workers=int(cfg.data.num_workers),

@@ -18,9 +18,11 @@ Reads the ``pseudo.cam_key`` branch of ``RUN/cams/<split>/<id>.npz`` and writes 
   (``pseudo.bkg_thre``; refined like the hard label) over background + present classes only, ``pseudo.soft_dtype``.
   Expand one with ``core.pseudo_labels.load_soft_label``.
 
-Sharded over ranks, resumable (ids whose outputs exist are skipped), atomic writes (temporary files a killed run left
-are swept at start); ``settings.json`` in the output folder refuses a resume with different settings (a folder that
-holds no label yet is re-claimed instead).
+Sharded over ranks and, with ``run.num_shards=N run.shard_index=i``, over machines (machine i takes ``ids[i::N]`` and
+needs the CAM files of those ids only; ``utils.outputs.Shard``), resumable (ids whose outputs exist are skipped),
+atomic writes (temporary files a killed run left are swept at start); ``settings.json`` in the output folder refuses
+a resume with different settings (a folder that holds no label yet is re-claimed instead, never by a sharded run).
+CAM files of either ``cam.file_dtype`` (float16, uint8) are read the same way (``core.camfile.read_cams``).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from utils.config import ConfigError
 from utils.crf import CRFPool, crf_params
 from utils.io import read_image, save_label_png, save_npz
 from utils.logging import setup_logging
-from utils.outputs import output_dir, pending_indices, prepare_outputs, run_tool, split_name
+from utils.outputs import Shard, output_dir, pending_indices, prepare_outputs, run_tool, split_name
 from utils.text import preview
 
 logger = logging.getLogger("tools.make_pseudo_labels")
@@ -136,17 +138,20 @@ class Prepared:
     image: np.ndarray | None
 
 
-def cam_folder(cfg: DictConfig, split: str, ids: list[str]) -> Path:
-    """``RUN/cams/<split>``, checked to hold a CAM file for every id of the split."""
+def cam_folder(cfg: DictConfig, split: str, ids: list[str], shard: Shard | None = None) -> Path:
+    """``RUN/cams/<split>``, checked to hold a CAM file for every id of the split (of this machine's ``shard``)."""
+    shard = shard or Shard()
     folder = Path(cfg.run.out_dir) / "cams" / split
-    command = f"python -m tools.make_cam --run-dir {cfg.run.out_dir}"
+    part = f" run.num_shards={shard.count} run.shard_index={shard.index}" if shard.sharded else ""
+    command = f"python -m tools.make_cam --run-dir {cfg.run.out_dir}{part}"
     if not folder.is_dir() or not any(folder.glob("*.npz")):
         raise FileNotFoundError(f"no CAM files in {folder}: export them first with `{command}` (eval.split={split})")
     on_disk = {p.stem for p in folder.glob("*.npz")}
-    missing = [i for i in ids if i not in on_disk]
+    missing = [i for i in shard.ids(ids) if i not in on_disk]
     if missing:
+        where = f"shard {shard} of split {split!r}" if shard.sharded else f"split {split!r}"
         raise FileNotFoundError(
-            f"{len(missing)} id(s) of split {split!r} have no CAM file {folder}/<id>.npz: {preview(missing)}; "
+            f"{len(missing)} id(s) of {where} have no CAM file {folder}/<id>.npz: {preview(missing)}; "
             f"finish the export with `{command}`"
         )
     return folder
@@ -219,8 +224,9 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
     """Write the split's pseudo labels into ``RUN/pseudo_labels/<split>/`` (this rank's share); collective at the end.
 
     Returns:
-        Summary over all ranks: ``split``, ``folder``, ``total``, ``processed``, ``skipped``, ``seconds``,
-        ``images_per_s``, ``ignored`` and ``foreground`` (pixel fractions of the processed labels).
+        Summary over all ranks (of this machine): ``split``, ``folder``, ``total`` (the split), ``shard`` (``"i/N"``),
+        ``processed``, ``skipped``, ``seconds``, ``images_per_s``, ``ignored`` and ``foreground`` (pixel fractions of
+        the processed labels).
     """
     started = time.time()
     device = dist.init_distributed(cfg.run.device, int(cfg.run.num_threads))
@@ -230,15 +236,16 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
     split = split_name(cfg)
     dataset = build_dataset(cfg, split, "eval")
     ids = dataset.ids
-    cams = cam_folder(cfg, split, ids)
+    shard = Shard.from_config(cfg)
+    cams = cam_folder(cfg, split, ids, shard)
     folder = output_dir(cfg, "pseudo_labels", split)
     claims = [(folder, settings(cfg, opts))]
     if opts.soft:
         claims.append((folder / "soft", {"soft_dtype": opts.soft_dtype}))
-    prepare_outputs(claims, started)
-    todo, skipped = pending_indices(ids, folder, ".png")
+    prepare_outputs(claims, started, shard, ids)
+    todo, skipped = pending_indices(ids, folder, ".png", shard)
     if opts.soft:
-        todo_soft, _ = pending_indices(ids, folder / "soft", ".npz")
+        todo_soft, _ = pending_indices(ids, folder / "soft", ".npz", shard)
         mine = len(todo) + skipped
         todo = sorted(set(todo) | set(todo_soft))
         skipped = mine - len(todo)
@@ -263,16 +270,18 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
     seconds = max(c[2] for c in counts)
     total_pixels = np.sum([c[3] for c in counts], axis=0)
     summary = {
-        "split": split, "folder": str(folder), "total": len(ids), "processed": processed, "skipped": skipped,
-        "seconds": seconds, "images_per_s": processed / seconds if processed and seconds > 0 else 0.0,
+        "split": split, "folder": str(folder), "total": len(ids), "shard": str(shard), "processed": processed,
+        "skipped": skipped, "seconds": seconds,
+        "images_per_s": processed / seconds if processed and seconds > 0 else 0.0,
         "ignored": float(total_pixels[1] / max(1, total_pixels[0])),
         "foreground": float(total_pixels[2] / max(1, total_pixels[0])),
     }  # fmt: skip
     logger.info(
-        "make_pseudo_labels %s (%s, %s%s%s%s): %d processed, %d already done (skipped), %d in the split | "
+        "make_pseudo_labels %s (%s, %s%s%s%s): %d processed, %d already done (skipped), %d in the split%s | "
         "%.1f%% ignored, %.1f%% foreground | %.1f s, %.2f images/s | %s",
         split, opts.cam_key, "dual" if opts.dual else f"bkg_thre {opts.bkg_thre}", " +PAR" if opts.par else "",
         " +CRF" if opts.crf else "", " +soft" if opts.soft else "", processed, skipped, len(ids),
+        f" (shard {shard}: {processed + skipped} of them)" if shard.sharded else "",
         100 * summary["ignored"], 100 * summary["foreground"], seconds, summary["images_per_s"], folder,
     )  # fmt: skip
     return summary

@@ -167,6 +167,8 @@ RULES: dict[str, Rule] = {
     "run.seed": COUNT,
     "run.device": _choices("auto", "cpu", "cuda"),
     "run.num_threads": COUNT,
+    "run.shard_index": COUNT,
+    "run.num_shards": POSITIVE_INT,
     # a layout of datasets.LAYOUTS (voc, coco, or one registered by an extension; build_dataset names the choices)
     "data.name": Rule("a dataset layout name such as voc or coco", lambda v: isinstance(v, str) and v.isidentifier()),
     "data.num_classes": _int_from(2, "an integer >= 2 (background and at least one class)"),
@@ -201,6 +203,8 @@ RULES: dict[str, Rule] = {
     "cam.*_thre": UNIT,
     "cam.max_batch": POSITIVE_INT,
     "cam.precision": _choices("fp32", "train"),
+    "cam.file_dtype": _choices("float16", "uint8"),
+    "cam.write_threads": COUNT,
     "par.dilations": _list_of(lambda x: _integer(x) and x > 0, "a non-empty list of positive integers"),
     "par.num_iter": COUNT,
     "loss.weight.*": NON_NEGATIVE,
@@ -240,6 +244,7 @@ RULES: dict[str, Rule] = {
     "eval.resize_mode": _choices("long_side", "square"),
     "eval.*_fusion": _choices("sum", "mean", "max"),
     "eval.crf_workers": COUNT,
+    "eval.crf_min_prob": UNIT,
     "eval.num_overlays": COUNT,
     "eval.sweep_start": UNIT,
     "eval.sweep_stop": UNIT,
@@ -395,6 +400,11 @@ RESUME_MAY_CHANGE = (
     "train.num_vis",
     "train.resume",
     "train.resume_allow_changes",
+    "train.compile",  # the same computation, compiled or not (tests/test_compile.py)
+    "run.num_shards",  # the inference tools' machine shards
+    "run.shard_index",
+    "cam.file_dtype",  # how make_cam stores its files
+    "cam.write_threads",
     "eval",
     "crf",
     "pseudo",

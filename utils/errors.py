@@ -3,6 +3,10 @@
 A tool's ``main`` runs its work through :func:`exit_on_user_error`. Exceptions that describe a problem with what the
 user gave (a config key, a file, a folder) are printed as one ``error: ...`` line on stderr and the process exits
 with :data:`EXIT_USER_ERROR`; anything else propagates with its traceback. ``MSFC_DEBUG=1`` re-raises user errors too.
+
+``MSFC_DEBUG=1`` also turns on the checks of the training hot path that must read tensor values on the host (a device
+synchronisation each on CUDA): e.g. that the online labels given to a loss or to the memory bank lie in range. They
+hold by construction in training, so by default they are skipped (:func:`debug_enabled`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def debug_enabled() -> bool:
+    """True when ``MSFC_DEBUG`` is set to anything but empty or ``0`` (read at each call, so tests can set it)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def exit_on_user_error(main: Callable[[], int]) -> int:
     """Run ``main()``; a user error becomes one ``error: <message>`` line on stderr and exit code 2.
 
@@ -54,7 +63,7 @@ def exit_on_user_error(main: Callable[[], int]) -> int:
     try:
         return main()
     except USER_ERRORS as err:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if debug_enabled():
             raise
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
