@@ -164,7 +164,7 @@ class PixelSegmenterTask:
 
     def loss(self, model, batch, step, generator):
         loss = F.cross_entropy(model(batch["img"]), batch["mask"])
-        return loss, {"loss_total": float(loss)}
+        return loss, {"loss_total": float(loss.detach())}
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         self.after_steps.append(step)
