@@ -133,14 +133,6 @@ class CamWriter:
             self.pool = None
 
 
-def file_dtype(cfg: DictConfig) -> str:
-    """``cam.file_dtype``, checked."""
-    dtype = str(cfg.cam.file_dtype)
-    if dtype not in FILE_DTYPES:
-        raise ConfigError(f"cam.file_dtype must be one of {FILE_DTYPES}, got {dtype!r}")
-    return dtype
-
-
 def settings(cfg: DictConfig) -> dict:
     """What determines the exported maps; a resumed export must match it.
 
@@ -153,7 +145,7 @@ def settings(cfg: DictConfig) -> dict:
         "fuse_lambda": float(cfg.memory.fuse_lambda),
         "precision": label_cam_precision(str(cfg.cam.precision), str(cfg.train.precision)),
     }
-    dtype = file_dtype(cfg)
+    dtype = str(cfg.cam.file_dtype)  # one of FILE_DTYPES: checked when the config loads
     if dtype != FILE_DTYPES[0]:
         out["file_dtype"] = dtype
     return out
@@ -178,7 +170,7 @@ def export_cams(cfg: DictConfig) -> dict:
     dataset = build_dataset(cfg, split, "eval")
     folder = output_dir(cfg, "cams", split)
     shard = Shard.from_config(cfg)
-    dtype = file_dtype(cfg)
+    dtype = str(cfg.cam.file_dtype)  # one of FILE_DTYPES: checked when the config loads
     prepare_outputs([(folder, settings(cfg))], started, shard, dataset.ids)
     todo, skipped = pending_indices(dataset.ids, folder, ".npz", shard)
     start, written = time.time(), 0
