@@ -29,9 +29,9 @@ class EnergyLoss(nn.Module):
     `L = −w / B · Σ_b Σ_k Σ_i G_bi · S'_bki · Σ_j K_ij · S'_bkj`, w = `inner_weight`,
     and the gradient is the published one, `dL/dS = −2w / B · G ⊙ (K S') ⊙ valid` (G constant; this is not the
     exact derivative of L, which would be `−w / B · (G ⊙ K S' + K (G ⊙ S')) ⊙ valid`). K S' is computed exactly,
-    once per forward, in blocks of `chunk_size` query pixels per image (memory O(chunk_size · h·w)); the backward
-    reuses it. G outside `valid` is irrelevant (it multiplies S'_i = 0), so `ignored` need not be restricted to the
-    box. `kernel_radius` is not used.
+    once per forward, in blocks of `chunk_size` query pixels per image over the upper triangle of the symmetric K
+    (memory O(chunk_size · h·w)); the backward reuses it. G outside `valid` is irrelevant (it multiplies S'_i = 0),
+    so `ignored` need not be restricted to the box. `kernel_radius` is not used.
 
     `mode="window"`: the earlier local-window energy. K_ij only for neighbours j ≠ i in the (2r+1)² window around
     i, r = `kernel_radius`, and K = 0 for neighbours outside the image or outside `valid` (padding of the crop
@@ -198,9 +198,13 @@ def bilateral_features(image: torch.Tensor, sigma_xy: float, sigma_rgb: float) -
 def dense_message(features: torch.Tensor, values: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Exact `Σ_j K_ij · values_kj` over all pixel pairs of each image, `K_ij = exp(−|f_i − f_j|²)`.
 
-    The kernel is built one block of `chunk_size` query pixels at a time. Squared distances come from `torch.cdist`
-    without the matmul shortcut: |a|² + |b|² − 2a·b loses ~1e-4 absolute on colour features of norm ~20 in float32
-    (relative errors ~1e-4 on K, measured), the direct difference keeps them ~4e-6, and it is also immune to TF32.
+    K is symmetric, so it is evaluated on its upper triangle only, one block row of `chunk_size` query pixels at a
+    time: block row [s, e) builds K against the pixels j ≥ s and uses it twice, for its own queries (all j ≥ s) and,
+    transposed, for the later queries j ≥ e (their keys in [s, e)). That is about half the kernel evaluations of
+    the full matrix (the exp and the distances are the cost; the two products are cheap), with the same memory,
+    `chunk_size × N` floats per block. Squared distances come from `torch.cdist` without the matmul shortcut:
+    |a|² + |b|² − 2a·b loses ~1e-4 absolute on colour features of norm ~20 in float32 (relative errors ~1e-4 on K,
+    measured), the direct difference keeps them ~4e-6, and it is also immune to TF32.
 
     Args:
         features: `[B, N, F]` float32 (see `bilateral_features`).
@@ -211,15 +215,17 @@ def dense_message(features: torch.Tensor, values: torch.Tensor, chunk_size: int)
         `[B, C, N]` float32.
     """
     with torch.autocast(device_type=values.device.type, enabled=False):
-        out = torch.empty_like(values)
+        out = torch.zeros_like(values)
         n = features.shape[1]
         for b in range(features.shape[0]):
-            keys = features[b]
+            keys, vals = features[b], values[b]  # [N, F], [C, N]
             for start in range(0, n, chunk_size):
-                queries = keys[start : start + chunk_size]
-                kernel = torch.cdist(queries, keys, compute_mode="donot_use_mm_for_euclid_dist")  # [Q, N]
-                kernel = kernel.square_().neg_().exp_()
-                out[b, :, start : start + chunk_size] = (kernel @ values[b].T).T  # [C, Q]
+                end = min(start + chunk_size, n)
+                kernel = torch.cdist(keys[start:end], keys[start:], compute_mode="donot_use_mm_for_euclid_dist")
+                kernel = kernel.square_().neg_().exp_()  # [Q, N - start]: K_ij, i in [start, end), j >= start
+                out[b, :, start:end] += vals[:, start:] @ kernel.T  # the block's queries, keys j >= start
+                if end < n:  # the later queries, keys in the block: K_ji = K_ij
+                    out[b, :, end:] += vals[:, start:end] @ kernel[:, end - start :]
         return out
 
 

@@ -194,3 +194,36 @@ def test_phase_clock_and_spread() -> None:
     assert list(seconds) == ["x", "y"] and all(v >= 0 for v in seconds.values())
     assert clock.seconds() == {}
     assert spread([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "max": 3.0, "mean": 2.0, "n": 3}
+
+
+def test_trees_time_two_checkouts_interleaved_and_compare_their_losses() -> None:
+    """Two workers on the same code (two names for this checkout): the same seed gives the same losses, step by step,
+    in two separate processes, so a before/after run whose losses match shows the versions compute the same step."""
+    trees = [("before", REPO, "x"), ("after", REPO, "x")]
+    logged: list[str] = []
+    result = benchmark.bench_trees(trees, ["configs/smoke.yaml"], ["data.root=unused", "run.out_dir=unused"],
+                                   warmup=0, steps=2, repeats=2, log=logged.append)  # fmt: skip
+    assert result["order"] == ["before", "after"]
+    # interleaved: before, after, before, after
+    assert [line.split()[2] for line in logged if line.startswith("repeat")] == ["before:", "after:"] * 2
+    for tree in result["trees"].values():
+        assert len(tree["losses"]) == 4 and all(math.isfinite(loss) for loss in tree["losses"])
+        assert tree["step_seconds"]["n"] == 2 and tree["step_seconds"]["min"] > 0
+        assert tree["parameters"] > 0
+    assert result["trees"]["before"]["losses"] == result["trees"]["after"]["losses"]
+    assert len(set(result["trees"]["before"]["losses"])) > 1  # the optimiser moved the weights between steps
+    (comparison,) = result["comparisons"]
+    assert comparison["same_losses"] and comparison["max_loss_difference"] == 0
+    assert comparison["tree"] == "before" and comparison["over"] == "after"
+    assert "losses identical" in benchmark.format_trees(result)
+
+
+def test_trees_check_out_a_revision_and_remove_it_afterwards() -> None:
+    with benchmark.checkouts(["HEAD"]) as ((spec, path, commit),):
+        assert spec == "HEAD" and (path / "tools" / "benchmark.py").is_file()
+        assert commit.split()[0] == benchmark._git(REPO, "rev-parse", "--short", "HEAD")
+    assert not path.exists()
+    with pytest.raises(UserError, match="neither a folder nor a git revision"), benchmark.checkouts(["no-such-xyz"]):
+        pass
+    with pytest.raises(UserError, match="given twice"), benchmark.checkouts(["HEAD", "HEAD"]):
+        pass

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from losses import EnergyLoss
+from losses.energy import dense_message
 
 
 def dense_reference(
@@ -130,6 +131,18 @@ def test_dense_chunking_invariance() -> None:
     for loss, grad in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=0.0)
         torch.testing.assert_close(grad, results[0][1], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 29, 30, 31, 1000])
+def test_dense_message_upper_triangle_blocks_equal_the_full_kernel(chunk_size: int) -> None:
+    # K is evaluated on its upper triangle only, block row by block row, and used twice: the result must be the full
+    # K @ v for every block size (one pixel, blocks that do not divide N = 30, one block, more than N).
+    g = torch.Generator().manual_seed(3)
+    features = torch.rand(2, 30, 5, generator=g) * 2.0
+    values = torch.rand(2, 4, 30, generator=g)
+    f, v = features.double(), values.double()
+    expected = torch.einsum("bij,bcj->bci", torch.exp(-torch.cdist(f, f).square()), v)
+    torch.testing.assert_close(dense_message(features, values, chunk_size).double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

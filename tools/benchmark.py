@@ -36,8 +36,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -51,13 +55,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from core import cam as camlib
 from engine.inference import predict_seg_logits
-from engine.task import MSFCTask
-from losses import TERMS
 from models import build_model
+from tools.bench_step import setup
 from utils.config import add_config_arguments, load_config
 from utils.crf import crf_params, dense_crf
 from utils.errors import UserError, exit_on_user_error
-from utils.optim import build_optimizer
 from utils.profiling import PhaseClock, label_times, machine_info, peak_rss_bytes, raw_events, spread
 from utils.syncs import SyncCounter, count_syncs
 
@@ -109,47 +111,15 @@ def _time(fn: Callable[[], object], iters: int, device: torch.device) -> tuple[f
     return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters
 
 
-def _train_batch(cfg: DictConfig, device: torch.device) -> dict:
-    b, s, c = int(cfg.train.batch_size), int(cfg.data.crop_size), int(cfg.data.num_classes) - 1
-    g = torch.Generator().manual_seed(0)
-    labels = torch.zeros(b, c)
-    labels[:, 0] = 1
-    labels[::2, c // 2] = 1
-    host = {
-        "img": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g),
-        "g2": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g),
-        "img_box": torch.tensor([[0, s, 0, s]] * b),
-        "label": labels,
-    }
-    # as engine.trainer passes a batch: on the device, with the loader's CPU batch under "host"
-    return {**{key: value.to(device) for key, value in host.items()}, "host": host}
-
-
-def first_full_step(cfg: DictConfig) -> int:
-    """The first step index at which every term with a weight > 0 is on at its full weight."""
-    loss = cfg.loss
-    used = [t for t in TERMS if float(loss.weight[t]) > 0]
-    return max((int(loss.start_iter[t]) + int(loss.ramp_iters[t]) for t in used), default=0)
-
-
 class TrainBench:
     """One variant's model, optimiser and batch; :meth:`step` runs the trainer's step once, phase by phase."""
 
     def __init__(self, name: str, cfg: DictConfig, device: torch.device) -> None:
         self.name, self.cfg, self.device = name, cfg, device
-        self.task = MSFCTask(cfg, device)
-        torch.manual_seed(int(cfg.run.seed))  # every variant starts from the same weights
-        self.model = self.task.build_model().to(device)
-        if bool(cfg.train.get("compile", False)):
-            self.model.compile()  # as the trainer does with train.compile=true; compiles in the warm-up steps
-        self.model.memory.bank.normal_()
-        self.model.memory.initialized.fill_(True)  # so L_mem runs from the first step
-        tc = cfg.train
-        self.optimizer = build_optimizer(self.task.param_groups(self.model), tc.betas, float(tc.weight_decay))
-        self.batch, self.generator = _train_batch(cfg, device), torch.Generator().manual_seed(0)
-        self.index = self.first_index = first_full_step(cfg)
-        self.task.enter_phase(self.model, self.task.phase(self.index))
-        self.model.train()
+        state = setup(cfg, device)  # the same seed: every variant starts from the same weights
+        self.task, self.model, self.optimizer = state.task, state.model, state.optimizer
+        self.batch, self.generator = state.batch, state.generator
+        self.index = self.first_index = state.index
         self.active = self.task.step.active(self.index)
         self.parameters = sum(p.numel() for p in self.model.parameters())
 
@@ -336,6 +306,151 @@ def bench_train(
     return out
 
 
+class TreeWorker:
+    """A ``tools/bench_step.py`` worker process running the code of one checkout (see :func:`bench_trees`)."""
+
+    def __init__(self, spec: str, path: Path, configs: list[str], overrides: list[str], warmup: int) -> None:
+        self.spec, self.path = spec, path
+        command = [
+            sys.executable,
+            str(Path(__file__).with_name("bench_step.py")),
+            "--tree",
+            str(path),
+            *[arg for config in configs for arg in ("--config", config)],
+            "--warmup",
+            str(warmup),
+            *overrides,
+        ]
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+        self.process = subprocess.Popen(command, cwd=path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env={**env, "PYTHONSAFEPATH": "1"})  # fmt: skip
+        self.ready = self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if not line:
+            code = self.process.wait()
+            raise UserError(f"--trees {self.spec}: the benchmark worker in {self.path} exited with code {code} "
+                            "(its error is printed above)")  # fmt: skip
+        return json.loads(line)
+
+    def run(self, steps: int) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"run {steps}\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.process.poll() is None and self.process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.write("quit\n")
+                self.process.stdin.flush()
+            self.process.wait(timeout=60)
+
+
+def _git(path: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@contextlib.contextmanager
+def checkouts(specs: list[str]) -> Any:
+    """Each spec as a folder: an existing checkout, or a git revision of this repository checked out (detached) into
+    a temporary worktree, removed afterwards. Yields ``[(spec, path, commit), ...]``."""
+    twice = sorted({spec for spec in specs if specs.count(spec) > 1})
+    if twice:
+        raise UserError(f"--trees: {', '.join(twice)} given twice")
+    with contextlib.ExitStack() as stack:
+        resolved = []
+        for spec in specs:
+            path = Path(spec)
+            if not path.is_dir():
+                try:
+                    commit = _git(REPO, "rev-parse", "--verify", f"{spec}^{{commit}}")
+                except (subprocess.CalledProcessError, FileNotFoundError):
+                    raise UserError(f"--trees {spec}: neither a folder nor a git revision of {REPO}") from None
+                path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tree-"))) / "tree"
+                _git(REPO, "worktree", "add", "--detach", str(path), commit)
+                stack.callback(_git, REPO, "worktree", "remove", "--force", str(path))
+            try:
+                commit = _git(path, "rev-parse", "--short", "HEAD") + (" (dirty)" if _git(path, "status", "--porcelain")
+                                                                       else "")  # fmt: skip
+            except (subprocess.CalledProcessError, FileNotFoundError):
+                commit = "not a git checkout"
+            resolved.append((spec, path.resolve(), commit))
+        yield resolved
+
+
+def bench_trees(
+    trees: list[tuple[str, Path, str]],
+    configs: list[str],
+    overrides: list[str],
+    *,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The same train step in several checkouts (e.g. before/after a change), timed interleaved.
+
+    One worker process per checkout builds the model from the same seed and runs ``warmup`` steps; then each repeat
+    runs ``steps`` steps in every worker in turn (A B A B ...; the idle worker waits on stdin). Step time is the
+    worker's per-step median of a repeat; the first tree is compared with each other one (median ratio and paired
+    ratio per repeat). The first step's loss of each tree is recorded: equal losses show that the versions compute
+    the same step.
+    """
+    workers: list[TreeWorker] = []
+    try:
+        for spec, path, commit in trees:
+            log(f"starting the worker for {spec} ({commit}) ...")
+            workers.append(TreeWorker(spec, path, configs, overrides, warmup))
+        runs: dict[str, list[dict[str, Any]]] = {worker.spec: [] for worker in workers}
+        for repeat in range(repeats):
+            for worker in workers:
+                runs[worker.spec].append(worker.run(steps))
+                log(f"repeat {repeat + 1}/{repeats} {worker.spec}: "
+                    f"{statistics.median(runs[worker.spec][-1]['seconds']):.3f} s/step")  # fmt: skip
+    finally:
+        for worker in workers:
+            worker.close()
+    out: dict[str, Any] = {"order": [spec for spec, _, _ in trees], "configs": configs, "overrides": overrides,
+                           "trees": {}, "comparisons": []}  # fmt: skip
+    medians = {}
+    for (spec, path, commit), worker in zip(trees, workers, strict=True):
+        medians[spec] = [statistics.median(run["seconds"]) for run in runs[spec]]
+        out["trees"][spec] = {
+            "path": str(path), "commit": commit, "parameters": worker.ready["parameters"],
+            "first_step_index": worker.ready["first_step_index"], "step_seconds": spread(medians[spec]),
+            "step_seconds_repeats": medians[spec], "losses": [loss for run in runs[spec] for loss in run["losses"]],
+        }  # fmt: skip
+    first = trees[0][0]
+    for spec, _, _ in trees[1:]:
+        a, b = out["trees"][first], out["trees"][spec]
+        out["comparisons"].append({
+            "tree": first, "over": spec,
+            "paired_ratio": spread([x / y for x, y in zip(medians[first], medians[spec], strict=True)]),
+            "median_ratio": a["step_seconds"]["median"] / b["step_seconds"]["median"],
+            "same_losses": a["losses"] == b["losses"],
+            "max_loss_difference": max(abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True)),
+        })  # fmt: skip
+    return out
+
+
+def format_trees(result: dict[str, Any]) -> str:
+    """The before/after table of :func:`bench_trees`."""
+    lines = [f"{'tree':24s} {'commit':18s} {'step s: median [min, max]':28s} first loss"]
+    for spec, tree in result["trees"].items():
+        step = tree["step_seconds"]
+        lines.append(f"{spec:24s} {tree['commit']:18s} {step['median']:8.3f} [{step['min']:.3f}, {step['max']:.3f}]"
+                     f"{'':6s} {tree['losses'][0]:.6f}")  # fmt: skip
+    for comp in result["comparisons"]:
+        paired = comp["paired_ratio"]
+        lines.append(f"{comp['tree']} / {comp['over']}: {comp['median_ratio']:.3f}x the median step; paired per "
+                     f"repeat min {paired['min']:.3f}, median {paired['median']:.3f}, max {paired['max']:.3f}; "
+                     f"losses {'identical' if comp['same_losses'] else 'differ'} "
+                     f"(max |difference| {comp['max_loss_difference']:.3g})")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _image(size: tuple[int, int], device: torch.device) -> torch.Tensor:
     return torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)).to(
         device
@@ -462,6 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME[:key=value,...]",
                         help="train-stage variants timed interleaved in one process; the first is compared with "
                              "the others, e.g. full 'toco:loss.weight.smc=0,loss.weight.mem=0'")  # fmt: skip
+    parser.add_argument("--trees", nargs="+", default=None, metavar="DIR|REV",
+                        help="time the train step of several versions of the code interleaved, e.g. before/after a "
+                             "change: each a checkout folder or a git revision of this repository (checked out into "
+                             "a temporary worktree); the first is compared with the others")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1, help="untimed train steps per variant first")
     parser.add_argument("--steps", type=int, default=1, help="train steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (interleaved)")
@@ -487,7 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("warmup", "steps", "repeats", "profile_steps", "iters"):
         if getattr(args, flag) < (1 if flag in ("steps", "repeats", "iters") else 0):
             parser.error(f"--{flag.replace('_', '-')} is too small: {getattr(args, flag)}")
-    stages = [s.strip() for s in (args.what or ("train" if args.preset else ",".join(STAGES))).split(",") if s.strip()]
+    stages = [
+        s.strip()
+        for s in (args.what or ("train" if args.preset or args.trees else ",".join(STAGES))).split(",")
+        if s.strip()
+    ]
+    if args.trees and (args.variants or stages != ["train"] or args.run):
+        parser.error("--trees times the train stage of each checkout; it takes no --variants, --what or --run-dir")
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; choose from {STAGES}")
@@ -500,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"train.batch_size={batch}")
         overrides += args.overrides
         source = files if args.run is None else args.run / "config.yaml"
+        if args.trees:
+            return _trees_main(args, [str(f) for f in files], overrides)
         variants = []
         for text in args.variants or ["default"]:
             name, extra = parse_variant(text)
@@ -556,6 +683,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return exit_on_user_error(body)
+
+
+def _trees_main(args: argparse.Namespace, files: list[str], overrides: list[str]) -> int:
+    """``--trees``: the before/after comparison; config files are taken from each checkout at the same path."""
+    configs = []
+    for file in files:
+        path = Path(file).resolve()
+        if not path.is_relative_to(REPO):
+            raise UserError(f"--trees: the config {file} is outside the repository; each checkout reads the config at "
+                            "the same path inside it")  # fmt: skip
+        configs.append(str(path.relative_to(REPO)))
+    with checkouts(args.trees) as trees:
+        result = bench_trees(trees, configs, overrides, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+                             log=lambda text: print(text, flush=True))  # fmt: skip
+    print(format_trees(result), flush=True)
+    if args.json:
+        results = {"schema": "msfc-benchmark/2", "machine": machine_info(torch.device("cpu")),
+                   "command": ["python", "-m", "tools.benchmark", *sys.argv[1:]], "preset": args.preset,
+                   "settings": {"warmup": args.warmup, "steps": args.steps, "repeats": args.repeats},
+                   "trees": result}  # fmt: skip
+        results["machine"]["load_average_end"] = machine_info(torch.device("cpu")).get("load_average")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
