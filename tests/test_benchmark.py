@@ -201,15 +201,16 @@ def test_trees_time_two_checkouts_interleaved_and_compare_their_losses() -> None
     in two separate processes, so a before/after run whose losses match shows the versions compute the same step."""
     trees = [("before", REPO, "x"), ("after", REPO, "x")]
     logged: list[str] = []
-    result = benchmark.bench_trees(trees, ["configs/smoke.yaml"], ["data.root=unused", "run.out_dir=unused"],
-                                   warmup=0, steps=2, repeats=2, log=logged.append)  # fmt: skip
+    overrides = ["data.root=unused", "run.out_dir=unused", "run.num_threads=1"]
+    result = benchmark.bench_trees(trees, ["configs/smoke.yaml"], overrides, warmup=0, steps=2, repeats=2,
+                                   log=logged.append)  # fmt: skip
     assert result["order"] == ["before", "after"]
     # interleaved: before, after, before, after
     assert [line.split()[2] for line in logged if line.startswith("repeat")] == ["before:", "after:"] * 2
     for tree in result["trees"].values():
         assert len(tree["losses"]) == 4 and all(math.isfinite(loss) for loss in tree["losses"])
         assert tree["step_seconds"]["n"] == 2 and tree["step_seconds"]["min"] > 0
-        assert tree["parameters"] > 0
+        assert tree["parameters"] > 0 and tree["torch_threads"] == 1
     assert result["trees"]["before"]["losses"] == result["trees"]["after"]["losses"]
     assert len(set(result["trees"]["before"]["losses"])) > 1  # the optimiser moved the weights between steps
     (comparison,) = result["comparisons"]

@@ -109,7 +109,9 @@ def _serve(args: argparse.Namespace) -> int:
     for _ in range(args.warmup):
         plain_step(state)
     parameters = sum(p.numel() for p in state.model.parameters())
-    print(json.dumps({"ready": True, "parameters": parameters, "first_step_index": state.index}), flush=True)
+    ready = {"ready": True, "parameters": parameters, "first_step_index": state.index,
+             "torch_threads": torch.get_num_threads()}  # fmt: skip
+    print(json.dumps(ready), flush=True)
     for line in sys.stdin:
         command = line.split()
         if not command or command[0] == "quit":

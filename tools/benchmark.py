@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -419,7 +420,8 @@ def bench_trees(
         medians[spec] = [statistics.median(run["seconds"]) for run in runs[spec]]
         out["trees"][spec] = {
             "path": str(path), "commit": commit, "parameters": worker.ready["parameters"],
-            "first_step_index": worker.ready["first_step_index"], "step_seconds": spread(medians[spec]),
+            "first_step_index": worker.ready["first_step_index"], "torch_threads": worker.ready["torch_threads"],
+            "step_seconds": spread(medians[spec]),
             "step_seconds_repeats": medians[spec], "losses": [loss for run in runs[spec] for loss in run["losses"]],
         }  # fmt: skip
     first = trees[0][0]
@@ -694,12 +696,15 @@ def _trees_main(args: argparse.Namespace, files: list[str], overrides: list[str]
             raise UserError(f"--trees: the config {file} is outside the repository; each checkout reads the config at "
                             "the same path inside it")  # fmt: skip
         configs.append(str(path.relative_to(REPO)))
+    # a killed run (SIGTERM) still stops its workers and removes its temporary worktrees, as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    machine = machine_info(torch.device("cpu"))  # the load average at the start
     with checkouts(args.trees) as trees:
         result = bench_trees(trees, configs, overrides, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
                              log=lambda text: print(text, flush=True))  # fmt: skip
     print(format_trees(result), flush=True)
     if args.json:
-        results = {"schema": "msfc-benchmark/2", "machine": machine_info(torch.device("cpu")),
+        results = {"schema": "msfc-benchmark/2", "machine": machine,
                    "command": ["python", "-m", "tools.benchmark", *sys.argv[1:]], "preset": args.preset,
                    "settings": {"warmup": args.warmup, "steps": args.steps, "repeats": args.repeats},
                    "trees": result}  # fmt: skip
