@@ -1,4 +1,5 @@
-"""MSFC models: timm ViT backbone, heads, memory bank and the assembled network. `build_model` reads the config."""
+"""MSFC models: timm ViT backbone, heads, memory bank and the assembled network; the second-stage segmentation network
+(`models/stage2.py`). `build_model` reads the config (``task`` picks MSFC or the stage-2 network)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from omegaconf import DictConfig
 from models.backbone import NORM_STATS, BackboneOutput, ViTBackbone
 from models.memory import MemoryBank, fuse_similarity
 from models.msfc import MSFC, MSFCOutput
+from models.stage2 import Stage2Output, Stage2Segmenter, build_stage2_model
 from utils.checkpoint import load_model_state, read_checkpoint, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -22,6 +24,8 @@ __all__ = [
     "BackboneOutput",
     "MSFCOutput",
     "MemoryBank",
+    "Stage2Output",
+    "Stage2Segmenter",
     "ViTBackbone",
     "build_model",
     "fuse_similarity",
@@ -39,11 +43,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def build_model(cfg: Any) -> MSFC:
-    """Build `MSFC` from the config: `cfg.model.*`, `cfg.memory.*` and `cfg.data.num_classes` (configs/base.yaml).
+def build_model(cfg: Any) -> MSFC | Stage2Segmenter:
+    """Build `MSFC` from the config: `cfg.model.*`, `cfg.memory.*` and `cfg.data.num_classes` (configs/base.yaml);
+    with ``task: stage2`` the second-stage network of `cfg.stage2.*` instead (`models.stage2.build_stage2_model`).
 
-    This is the only place in `models/` that reads the config.
+    This and `models.stage2.build_stage2_model` are the only places in `models/` that read the config.
     """
+    if str(cfg.get("task", "msfc")) == "stage2":  # a config saved before the key existed is an MSFC run
+        return build_stage2_model(cfg)
     m, mem = cfg.model, cfg.memory
     kwargs = _plain(m.backbone_kwargs) or {}
     if not isinstance(kwargs, Mapping):
@@ -80,8 +87,9 @@ def build_model(cfg: Any) -> MSFC:
     )
 
 
-def load_trained_model(cfg: DictConfig, device: torch.device) -> MSFC:
-    """Build the run's model from its config and load ``eval.checkpoint`` into it (eval mode, no pretrained download).
+def load_trained_model(cfg: DictConfig, device: torch.device) -> MSFC | Stage2Segmenter:
+    """Build the run's model from its config and load ``eval.checkpoint`` into it (eval mode, no pretrained download):
+    MSFC, or the stage-2 network of a ``task: stage2`` run (:func:`build_model`).
 
     A checkpoint from another model (backbone, number of classes, head sizes) is an error listing the mismatched keys.
     """

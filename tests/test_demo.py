@@ -62,3 +62,7 @@ def test_demo_pipeline_at_micro_scale(voc_root, tmp_path, all_background_miou):
     assert list((out / "results" / "seg_overlays").glob("*.png"))
     assert "| segmentation head + DenseCRF | val |" in result.stdout  # the printed protocol table
     assert f"{ORACLE} | train |" in result.stdout
+    # the second stage (STAGE2=1, the default): a segmenter trained on the run's pseudo labels, scored on val
+    assert results["stage2_run"] == str(out / "stage2")
+    for key in ("stage2_seg_miou", "stage2_seg_crf_miou"):
+        assert 0.0 <= results[key] <= 1.0, key

@@ -1,11 +1,14 @@
-"""Train MSFC (SPEC §3–§6). One script for every dataset; VOC and COCO differ only by config.
+"""Train MSFC (SPEC §3–§6), or a second-stage segmentation network on pseudo labels (SPEC §10, ``task: stage2``).
+One script for every dataset and stage; VOC and COCO, stage 1 and stage 2 differ only by config.
 
 Single process:  python -m tools.train --config configs/voc.yaml data.root=... run.out_dir=runs/voc
 Several GPUs:    torchrun --nproc_per_node=4 -m tools.train --config configs/voc.yaml ...   (see train_run_VOC.sh)
 Resume:          the same command with train.resume=auto (or train.resume=PATH)
+Second stage:    python -m tools.train --config configs/voc.yaml --config configs/stage2/voc_deeplabv2.yaml \
+                     stage2.labels=RUN1/pseudo_labels/train_aug data.root=... run.out_dir=runs/voc_stage2
 
 The loop is ``engine.trainer.Trainer`` (run folder, DDP, checkpoints, resume: docs/reliability.md); the method is
-``engine.task.MSFCTask``.
+the ``task`` key's: ``engine.task.MSFCTask`` (msfc) or ``engine.stage2.Stage2Task`` (stage2, docs/stage2.md).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import logging
 import sys
 
+from engine.stage2 import Stage2Task
 from engine.task import MSFCTask
 from engine.trainer import Trainer, TrainingDiverged
 from utils import dist
@@ -23,6 +27,9 @@ from utils.errors import exit_on_user_error
 
 logger = logging.getLogger("tools.train")
 
+# config key `task` -> the Task the trainer trains
+TASKS = {"msfc": MSFCTask, "stage2": Stage2Task}
+
 
 def _train(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +37,7 @@ def _train(argv: list[str] | None) -> int:
     cfg = config_from_args(parser.parse_args(argv))
     trainer = None
     try:
-        trainer = Trainer(cfg, MSFCTask)
+        trainer = Trainer(cfg, TASKS[str(cfg.task)])
         best = trainer.fit()
         for metric, entry in best.items():
             if dist.is_main_process() and entry["step"] >= 0:

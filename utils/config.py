@@ -35,7 +35,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 BASE_KEY = "_base_"
 # Mappings whose sub-keys are free-form (passed straight to a library), so they are not checked against the schema.
-OPEN_NODES = ("model.backbone_kwargs",)
+OPEN_NODES = ("model.backbone_kwargs", "stage2.arch_kwargs")
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -153,6 +153,11 @@ def _range(low: float, high: float, text: str) -> Rule:
     return Rule(text, lambda v: pair.holds(v) and low < v[0] <= v[1] <= high)
 
 
+def _text(text: str) -> Rule:
+    """A non-blank string."""
+    return Rule(text, lambda v: isinstance(v, str) and v.strip() != "")
+
+
 POSITIVE_INT = _int_from(1, "a positive integer")
 COUNT = _int_from(0, "a non-negative integer")
 POSITIVE = Rule("a positive number", lambda v: _number(v) and v > 0)
@@ -256,6 +261,14 @@ RULES: dict[str, Rule] = {
     "pseudo.cam_key": _choices("cam", "cam_aux"),
     "pseudo.bkg_thre": UNIT,
     "pseudo.soft_dtype": _choices("uint8", "float16"),
+    "task": _choices("msfc", "stage2"),
+    "stage2.labels": _text("a folder path"),
+    "stage2.target": _choices("hard", "soft"),
+    "stage2.arch": Rule("an architecture name such as DeepLabV2 or DeepLabV3Plus", lambda v: str(v).isidentifier()),
+    "stage2.encoder": _text("an smp encoder name such as tu-resnet101"),
+    "stage2.output_stride": Rule("one of 8, 16, 32", lambda v: _integer(v) and v in (8, 16, 32)),
+    "stage2.decoder_channels": POSITIVE_INT,
+    "stage2.aspp_rates": _list_of(lambda x: _integer(x) and x > 0, "a non-empty list of positive integers"),
 }
 # Pairs (low key, high key) whose values must be ordered.
 ORDERED = (("cam.low_thre", "cam.high_thre"), ("eval.sweep_start", "eval.sweep_stop"))
@@ -371,7 +384,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
                 f"train.resume_allow_changes names {entry!r}, which is not a config key or section"
                 f"{_suggest(entry, sorted(schema))}"
             )
-    check_crop_sizes(cfg)
+    if flat.get("task") != "stage2":  # stage 2's crop rule (the network's output stride) is checked where it is built
+        check_crop_sizes(cfg)
 
 
 # Keys a resumed training run may change freely. None changes what a training step computes from the checkpoint's
