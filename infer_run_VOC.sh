@@ -6,5 +6,8 @@
 # scripts/infer_pipeline.sh (eval.cam_split / eval.split / eval.checkpoint), GPUs and machines in scripts/launch.sh.
 # Usage: NGPUS=2 ./infer_run_VOC.sh runs/voc [key=value ...]
 #   Runs from any folder; --help adds the stages (scripts/infer_pipeline.sh) and the launcher's variables.
+#   SPLIT=test ./infer_run_VOC.sh runs/voc: the VOC 2012 test server instead (test images have no masks, so nothing is
+#   scored here): segmentation with DenseCRF on eval.split=test, then tools/package_voc_test.py --crf writes
+#   RUN/test_server/results.tgz to upload (README, "VOC test server").
 set -euo pipefail
 MSFC_WRAPPER="${BASH_SOURCE[0]}" exec "$(dirname "${BASH_SOURCE[0]}")/scripts/infer_pipeline.sh" "$@"

@@ -30,6 +30,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from datasets.classes import COCO_CATEGORIES, VOC_CLASSES, VOC_TO_COCO_NAME
+from utils.errors import InputError
 from utils.io import atomic_write_text, label_to_png_bytes
 
 IGNORE = 255
@@ -613,14 +614,18 @@ def coco_image_id(index: int) -> int:
     return index + 1
 
 
-def _split_of(index: int, num_train: int) -> str:
-    return "train" if index < num_train else "val"
+def _split_of(index: int, num_train: int, num_val: int) -> str:
+    """train (train_aug / train2014), val, then test (VOC only): the split of image ``index``."""
+    if index < num_train:
+        return "train"
+    return "val" if index < num_train + num_val else "test"
 
 
 def _image_name(index: int, num_train: int, layout: str) -> str:
     if layout == "voc":
         return VOC_NAME_FORMAT.format(index=index)
-    return COCO_STEM_FORMAT.format(split=_split_of(index, num_train), image_id=coco_image_id(index))
+    # the COCO layout has train and val only (no test images: _check_arguments)
+    return COCO_STEM_FORMAT.format(split="train" if index < num_train else "val", image_id=coco_image_id(index))
 
 
 def train_subset(num_train: int, seed: int) -> list[int]:
@@ -643,19 +648,27 @@ def _write_lines(path: Path, lines: Sequence[str]) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
-def _write_voc(out: Path, records: Sequence[dict[str, Any]], num_train: int, seed: int) -> dict[str, list[str]]:
-    """Write the VOC 2012 + SBD-aug layout; returns the split lists."""
+def _write_voc(
+    out: Path, records: Sequence[dict[str, Any]], num_train: int, num_val: int, seed: int
+) -> dict[str, list[str]]:
+    """Write the VOC 2012 + SBD-aug layout; returns the split lists (``test`` only when there are test images)."""
     names = [VOC_NAME_FORMAT.format(index=i) for i in range(len(records))]
     splits = {
         "train_aug": names[:num_train],
         "train": [names[i] for i in train_subset(num_train, seed)],
-        "val": names[num_train:],
+        "val": names[num_train : num_train + num_val],
     }
-    # As in VOC, SegmentationClass holds the train and val masks only; SegmentationClassAug holds them all.
+    test = set(names[num_train + num_val :])
+    if test:
+        splits["test"] = names[num_train + num_val :]
+    # As in VOC, SegmentationClass holds the train and val masks only; SegmentationClassAug holds them all but the
+    # test images, which (as in VOC's test set) have an image and nothing else.
     with_class_mask = set(splits["train"]) | set(splits["val"])
     for name, record in zip(names, records, strict=True):
         meta = record["meta"]
         _write_file(out / "JPEGImages" / f"{name}.jpg", record["jpeg"])
+        if name in test:
+            continue
         _write_file(out / "SegmentationClassAug" / f"{name}.png", record["png"])
         if name in with_class_mask:
             _write_file(out / "SegmentationClass" / f"{name}.png", record["png"])
@@ -681,7 +694,7 @@ def _write_coco(out: Path, records: Sequence[dict[str, Any]], num_train: int) ->
     stems: dict[str, list[str]] = {"train": [], "val": []}
     annotation_id = 1
     for index, record in enumerate(records):
-        split = _split_of(index, num_train)
+        split = "train" if index < num_train else "val"  # no test images in this layout
         stem = _image_name(index, num_train, "coco")
         meta = record["meta"]
         _write_file(out / "coco2014" / f"{split}2014" / f"{stem}.jpg", record["jpeg"])
@@ -699,22 +712,27 @@ def _write_coco(out: Path, records: Sequence[dict[str, Any]], num_train: int) ->
     return stems
 
 
-def _check_arguments(num_train: int, num_val: int, layout: str, min_size: int, max_size: int, workers: int,
-                     crowd_prob: float) -> None:  # fmt: skip
+def _check_arguments(num_train: int, num_val: int, num_test: int, layout: str, min_size: int, max_size: int,
+                     workers: int, crowd_prob: float) -> None:  # fmt: skip
+    """InputError (a ValueError) naming the bad argument: make_synthetic prints it as one line."""
     if num_train < 1:
-        raise ValueError(f"num_train must be >= 1, got {num_train}")
+        raise InputError(f"num_train must be >= 1, got {num_train}")
     if num_val < 0:
-        raise ValueError(f"num_val must be >= 0, got {num_val}")
+        raise InputError(f"num_val must be >= 0, got {num_val}")
+    if num_test < 0:
+        raise InputError(f"num_test must be >= 0, got {num_test}")
     if layout not in ("voc", "coco"):
-        raise ValueError(f"layout must be 'voc' or 'coco', got {layout!r}")
+        raise InputError(f"layout must be 'voc' or 'coco', got {layout!r}")
+    if num_test and layout != "voc":
+        raise InputError(f"num_test: only the voc layout has a test split (images without masks), got {num_test}")
     if min_size < MIN_IMAGE_SIDE:
-        raise ValueError(f"min_size must be >= {MIN_IMAGE_SIDE} pixels (objects must fit), got {min_size}")
+        raise InputError(f"min_size must be >= {MIN_IMAGE_SIDE} pixels (objects must fit), got {min_size}")
     if max_size <= min_size:
-        raise ValueError(f"max_size must be > min_size so images can be non-square, got {min_size}..{max_size}")
+        raise InputError(f"max_size must be > min_size so images can be non-square, got {min_size}..{max_size}")
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise InputError(f"workers must be >= 0, got {workers}")
     if not 0.0 <= crowd_prob <= 1.0:
-        raise ValueError(f"crowd_prob must lie in [0, 1], got {crowd_prob}")
+        raise InputError(f"crowd_prob must lie in [0, 1], got {crowd_prob}")
 
 
 def _render_all(tasks: list[_Task], workers: int) -> list[dict[str, Any]]:
@@ -740,12 +758,14 @@ def generate(
     max_size: int = 160,
     workers: int = 0,
     crowd_prob: float = CROWD_PROB,
+    num_test: int = 0,
 ) -> dict[str, Any]:
     """Write a synthetic dataset in the PASCAL VOC 2012 (+ SBD aug) or the COCO 2014 layout.
 
     VOC (``out_dir`` plays VOCdevkit/VOC2012): ``JPEGImages/<id>.jpg``, ``SegmentationClassAug/<id>.png`` (all ids),
     ``SegmentationClass/<id>.png`` (train + val ids), ``Annotations/<id>.xml``,
-    ``ImageSets/Segmentation/{train_aug,train,val}.txt``. COCO (``out_dir`` plays MSCOCO):
+    ``ImageSets/Segmentation/{train_aug,train,val}.txt``, and with ``num_test`` > 0 ``test.txt``, whose images have a
+    JPEG only (no mask, no XML), as VOC's test set. COCO (``out_dir`` plays MSCOCO):
     ``coco2014/{train2014,val2014}/COCO_<split>2014_<id:012d>.jpg`` and ``annotations/instances_<split>2014.json``
     (masks come from ``tools/prepare_coco.py``). Both write ``synthetic.json``, the returned summary.
 
@@ -759,35 +779,41 @@ def generate(
         workers: processes for rendering (0 or 1 = in this process); the output does not depend on it.
         crowd_prob: chance that an object is a crowd region (``iscrowd=1``) in the COCO layout; the pictures do not
             depend on it (the draw is made either way); ignored by the VOC layout, which has no crowd regions.
+        num_test: VOC only: images of the ``test`` split (the indices after val); 0 (default) writes no test split
+            and leaves every image, mask and list as without it.
 
     Returns:
         Summary: layout, seed, counts, per-class object counts, split lists and, per image, its index, name, split,
         size and objects (class id / name, ``pixels`` outside the void band, visible ``area``, ``bbox``
         [x0, y0, x1, y1] 0-based inclusive, ``truncated``, ``crowd``).
     """
-    _check_arguments(num_train, num_val, layout, min_size, max_size, workers, crowd_prob)
+    _check_arguments(num_train, num_val, num_test, layout, min_size, max_size, workers, crowd_prob)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output folder {out} is not empty; synthetic data is only written to a fresh folder")
     out.mkdir(parents=True, exist_ok=True)
-    total = num_train + num_val
+    total = num_train + num_val + num_test
     # VOC has no crowd regions: there every object is labelled normally.
     crowd_prob = crowd_prob if layout == "coco" else 0.0
     tasks = [_Task(seed, index, min_size, max_size, crowd_prob, layout) for index in range(total)]
     records = _render_all(tasks, workers)
-    splits = _write_voc(out, records, num_train, seed) if layout == "voc" else _write_coco(out, records, num_train)
+    if layout == "voc":
+        splits = _write_voc(out, records, num_train, num_val, seed)
+    else:
+        splits = _write_coco(out, records, num_train)
     images = []
     class_counts = dict.fromkeys(VOC_CLASSES[1:], 0)
     for index, record in enumerate(records):
         for obj in record["meta"]["objects"]:
             class_counts[obj["class_name"]] += 1
         name = _image_name(index, num_train, layout)
-        images.append({"name": name, "split": _split_of(index, num_train), **record["meta"]})
+        images.append({"name": name, "split": _split_of(index, num_train, num_val), **record["meta"]})
     summary = {
         "layout": layout,
         "seed": seed,
         "num_train": num_train,
         "num_val": num_val,
+        "num_test": num_test,
         "min_size": min_size,
         "max_size": max_size,
         "crowd_prob": crowd_prob,

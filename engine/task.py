@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from datasets import build_dataset
 from engine.step import TrainStep
-from engine.validate import validate
+from engine.validate import OVERLAY_PANELS, validate
 from models import build_model
 from utils.checkpoint import unwrap
 
@@ -94,6 +94,8 @@ class MSFCTask:
     EMA teacher and the memory bank after each optimiser step, CAM / aux-CAM / seg validation."""
 
     metrics = MSFC_METRICS
+    # Named in the TensorBoard tag of each validation overlay: "val/<i> (image | CAM | CAM label | ...)".
+    overlay_panels = OVERLAY_PANELS
     # The memory bank's accumulators differ between ranks until its next all-reduce.
     local_state = ("memory.acc_",)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 import random
+import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -48,12 +50,15 @@ from utils.checkpoint import (
 from utils.config import RESUME_MAY_CHANGE, ConfigError, config_changes, covers, format_changes, save_config
 from utils.errors import UserError
 from utils.lock import RunLock, RunLockedError, describe_holder
-from utils.logging import MetricsWriter, setup_logging
+from utils.logging import MetricsWriter, StepClock, format_duration, is_terminal, setup_logging
 from utils.optim import build_optimizer, lr_factor, set_lr
+from utils.provenance import git_state
 from utils.sampler import InfiniteSampler
 from utils.text import preview
 
 logger = logging.getLogger("engine.trainer")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose code is running: its git state is logged
 
 
 class TrainingDiverged(RuntimeError):
@@ -226,6 +231,7 @@ class Trainer:
         self.out_dir = Path(cfg.run.out_dir)
         self._take_lock()
         setup_logging(self.out_dir, self.rank)
+        self.provenance = self._log_provenance()
         if self.lock is not None and self.lock.unavailable:
             logger.warning("%s: this run folder is not locked, so nothing stops a second training from writing into it",
                            self.lock.unavailable)  # fmt: skip
@@ -362,6 +368,18 @@ class Trainer:
                 best[metric] = entry
         return best
 
+    def _log_provenance(self) -> dict[str, Any]:
+        """Rank 0: log where the code came from (commit, branch, working tree) and where it runs; the first log
+        line of every invocation. Returns the ``setup`` record's provenance (other ranks: {})."""
+        if self.rank != 0:
+            return {}
+        git = git_state(REPO_ROOT)
+        record = {"git": git.as_dict(), "host": socket.gethostname(), "python": platform.python_version(),
+                  "torch": torch.__version__, "code": str(REPO_ROOT)}  # fmt: skip
+        logger.info("code: %s, %s | python %s, torch %s | host %s", REPO_ROOT, git.describe(), record["python"],
+                    record["torch"], record["host"])  # fmt: skip
+        return record
+
     def _log_setup(self) -> None:
         tc = self.cfg.train
         global_batch = int(tc.batch_size) * int(tc.accum_steps) * self.world
@@ -375,6 +393,8 @@ class Trainer:
             int(tc.accum_steps), self.world, float(tc.lr), float(tc.head_lr_mult), int(tc.max_iters),
             len(self.train_set),
         )  # fmt: skip
+        self.metrics.log(self.start_step, {**self.provenance, "world_size": self.world, "global_batch": global_batch},
+                         kind="setup")  # fmt: skip
 
     def _checkpoint(self, step: int, names: list[str]) -> None:
         """Write ``names`` (e.g. iter_000100.pth, last.pth) for ``step`` completed steps; collective.
@@ -466,8 +486,9 @@ class Trainer:
                          type(err).__name__, err, done, checkpoint_dir(self.out_dir) / LAST)  # fmt: skip
             raise
         self.metrics.log(done, results, kind="val")
+        panels = getattr(self.task, "overlay_panels", ())  # a task may name its overlays' panels (MSFCTask does)
         for index, image in enumerate(overlays):
-            self.metrics.log_image(done, f"val/{index}", image)
+            self.metrics.log_image(done, f"val/{index}", image, panels)
         logger.info("step %d validation: %s", done, "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
         # The step just trained is done - 1 (the phase of step done may score a head that has not trained yet).
         tracked = self.task.tracked_metrics(done - 1)
@@ -492,8 +513,10 @@ class Trainer:
             self._start_rng = None
         ddp, phase = None, None
         log_every, start = max(1, int(tc.log_every)), time.time()
+        clock = StepClock(self.start_step, max_iters)
+        # a bar on a terminal only: elsewhere (nohup, SLURM) the log lines below tell the pace
         progress = tqdm(range(self.start_step, end), initial=self.start_step, total=max_iters,
-                        disable=self.rank != 0, desc="train", dynamic_ncols=True)  # fmt: skip
+                        disable=self.rank != 0 or not is_terminal(), desc="train", dynamic_ncols=True)  # fmt: skip
         window: list[dict[str, float]] = []
         for step in progress:
             current = self.task.phase(step)
@@ -511,7 +534,7 @@ class Trainer:
             self.task.after_optimizer_step(self.model, step)
             done = step + 1
             if done % log_every == 0 or done == max_iters:
-                record = self._summarise(window, lrs, grad_norm, done, start)
+                record = self._summarise(window, lrs, grad_norm, done, start, clock.lap(done))
                 progress.set_postfix(loss=f"{record['loss_total']:.3f}")
                 window = []
             validate_now = int(tc.eval_every) > 0 and (done % int(tc.eval_every) == 0 or done == max_iters)
@@ -527,18 +550,42 @@ class Trainer:
         return self.best
 
     def _summarise(self, window: list[dict[str, float]], lrs: dict, grad_norm: torch.Tensor | None, done: int,
-                   start: float) -> dict[str, float]:  # fmt: skip
+                   start: float, pace: dict[str, float]) -> dict[str, float]:  # fmt: skip
+        """Average the window's logs over steps and ranks, write the ``train`` record and the step's log line.
+
+        Besides the losses, the record holds ``lr`` (the learning rate of the last step, backbone group) and
+        ``lr_<group>``, ``grad_norm`` (with clipping), ``seconds`` (since this invocation's start), ``sec_per_it`` and
+        ``eta_s`` (:class:`utils.logging.StepClock`) and on CUDA ``cuda_peak_gib`` (rank 0's peak allocated memory,
+        allocator statistics: no device synchronisation). Everything here is read once per log line.
+        """
         keys = sorted({key for logs in window for key in logs})
         means = {key: float(np.mean([logs[key] for logs in window if key in logs])) for key in keys}
         # ranks may lack a key (e.g. L_mem skipped on one): average what every rank has
         shared = dist.all_gather_object(sorted(means))
         common = set(shared[0]).intersection(*map(set, shared[1:]))
         record = dist.reduce_dict_mean({k: v for k, v in means.items() if k in common}, self.device)
+        record["lr"] = _main_lr(lrs)
         record.update({f"lr_{name}": lr for name, lr in lrs.items() if not name.endswith("_no_decay")})
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)  # read here, once per log line
         record["seconds"] = time.time() - start
+        record.update(pace)
+        if self.device.type == "cuda":
+            record["cuda_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.metrics.log(done, record)
-        logger.info("step %d/%d  %s", done, int(self.cfg.train.max_iters),
+        logger.info("step %d/%d  %s  %s", done, int(self.cfg.train.max_iters), _pace_text(record),
                     "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_")))  # fmt: skip
         return record
+
+
+def _main_lr(lrs: Mapping[str, float]) -> float:
+    """The learning rate a log line shows: the ``backbone`` group's, else the first group's."""
+    return float(lrs["backbone"] if "backbone" in lrs else next(iter(lrs.values())))
+
+
+def _pace_text(record: Mapping[str, float]) -> str:
+    """``lr 6.00e-05  0.781 s/it  ETA 4:20:10  cuda peak 12.31 GiB`` (the last on CUDA only) of a train record."""
+    text = f"lr {record['lr']:.2e}  {record['sec_per_it']:.3g} s/it  ETA {format_duration(record['eta_s'])}"
+    if "cuda_peak_gib" in record:
+        text += f"  cuda peak {record['cuda_peak_gib']:.2f} GiB"
+    return text

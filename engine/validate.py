@@ -18,6 +18,9 @@ from utils.checkpoint import unwrap
 from utils.metrics import ConfusionMatrix
 from utils.visualize import cam_heatmap, overlay, side_by_side
 
+# The panels of a validation overlay, left to right: named in each image's caption band and in its TensorBoard tag.
+OVERLAY_PANELS = ("image", "CAM", "CAM label", "prediction", "ground truth")
+
 
 @torch.no_grad()
 def validate(
@@ -29,8 +32,8 @@ def validate(
     :func:`core.labels.cam_label` (the rule of ``tools.evaluate --source cams``); segmentation uses ``eval.*``
     (scales, flip, fusion, resize). Both run in fp32: validation opens no autocast, so neither ``cam.precision``
     nor ``eval.precision`` applies here. Confusion matrices are all-reduced, so every rank returns the same numbers.
-    Also returns up to ``train.num_vis`` overlays (image | CAM | CAM label | prediction | ground truth) from rank
-    0's first images.
+    Also returns up to ``train.num_vis`` overlays (:data:`OVERLAY_PANELS`: image | CAM | CAM label | prediction |
+    ground truth, named in a caption band on top) from rank 0's first images.
     """
     bare = unwrap(model)
     was_training = bare.training
@@ -60,8 +63,9 @@ def validate(
         if dist.is_main_process() and len(overlays) < int(cfg.train.num_vis):
             rgb = image[0].permute(1, 2, 0).cpu().numpy()
             heat = cam[0, present.to(device)].amax(0).float().cpu().numpy() if len(present) else np.zeros(shape)
-            overlays.append(side_by_side([rgb, cam_heatmap(rgb, heat), overlay(rgb, labels["cam"]),
-                                          overlay(rgb, prediction), overlay(rgb, gt)]))  # fmt: skip
+            cam_panels = [cam_heatmap(rgb, heat), overlay(rgb, labels["cam"])]
+            panels = [rgb, *cam_panels, overlay(rgb, prediction), overlay(rgb, gt)]
+            overlays.append(side_by_side(panels, titles=OVERLAY_PANELS))
     results = {}
     for name, matrix in matrices.items():
         results[f"{name}_miou"] = float(matrix.all_reduce().compute()["miou"] or 0.0)

@@ -11,6 +11,9 @@
 #   Several machines: run.num_shards=N run.shard_index=i on machine i runs the producing stages only (CAMs, pseudo
 #   labels, segmentation) over its ids[i::N]; then, with every shard's outputs in one run folder (shared, or copied
 #   together), rerun without the shard keys: finished stages skip their work and the evaluations and table run.
+#   A second-stage run (task: stage2, docs/stage2.md) has no CAMs: its segmentation stages and the table only.
+#   SPLIT=test (VOC): segmentation with DenseCRF on eval.split=test only, then the test-server archive
+#   (tools/package_voc_test.py --crf -> RUN/test_server/results.tgz); nothing is scored, the test split has no masks.
 set -euo pipefail
 here="$(dirname "${BASH_SOURCE[0]}")"
 launch="${here}/launch.sh"
@@ -37,26 +40,40 @@ if [[ ! -f "${run}/config.yaml" ]]; then
     echo "$0: ${run} is not a run folder (no config.yaml); train first" >&2
     exit 2
 fi
+if [[ "${SPLIT:-test}" != test ]]; then
+    echo "$0: SPLIT must be test or unset, got '${SPLIT}'" >&2
+    exit 2
+elif [[ -n "${SPLIT:-}" ]]; then # the VOC test server (README, "VOC test server")
+    "${launch}" tools.infer_seg --run-dir "${run}" "$@" eval.crf=true eval.split=test
+    NGPUS=1 NNODES=1 exec "${launch}" tools.package_voc_test --run-dir "${run}" --crf "$@"
+fi
 root="$(cd "${here}/.." && pwd)"
 # for the python -m tools.report calls below, as in launch.sh: the repository first, never the current folder
 export PYTHONPATH="${root}${PYTHONPATH:+:${PYTHONPATH}}" PYTHONSAFEPATH=1
 splits="$(python -m tools.report --print-splits --run-dir "${run}" "$@")"
 read -r cam_split seg_split <<<"${splits}"
-echo "protocol (SPEC §8): CAMs and pseudo labels scored on ${cam_split}, segmentation on ${seg_split}"
+task="$(python -m tools.report --print-task --run-dir "${run}" "$@")"
 cam=(--run-dir "${run}" "$@" "eval.split=${cam_split}")
-"${launch}" tools.make_cam "${cam[@]}"
+if [[ "${task}" == stage2 ]]; then # a second-stage segmenter (docs/stage2.md) has no CAMs: its segmentation only
+    echo "a second-stage run (task: stage2): segmentation on ${seg_split}, no CAM stages"
+else
+    echo "protocol (SPEC §8): CAMs and pseudo labels scored on ${cam_split}, segmentation on ${seg_split}"
+    "${launch}" tools.make_cam "${cam[@]}"
+fi
 if [[ "${shards}" != 1 ]]; then
-    "${launch}" tools.make_pseudo_labels "${cam[@]}"
+    [[ "${task}" == stage2 ]] || "${launch}" tools.make_pseudo_labels "${cam[@]}"
     "${launch}" tools.infer_seg --run-dir "${run}" eval.crf=true "$@" "eval.split=${seg_split}"
     echo "this shard is done (run.num_shards=${shards}); once every shard's outputs are in one run folder, score them" \
         "with: $0 RUN_DIR (without run.num_shards / run.shard_index)"
     exit 0
 fi
-echo "CAM threshold sweep on ${cam_split}: GT-tuned threshold, oracle — not a protocol number"
-"${launch}" tools.evaluate --source cams --sweep "${cam[@]}"
-"${launch}" tools.evaluate --source cams --cam-key cam_aux "${cam[@]}"
-"${launch}" tools.make_pseudo_labels "${cam[@]}"
-"${launch}" tools.evaluate --source pseudo_labels "${cam[@]}"
+if [[ "${task}" != stage2 ]]; then
+    echo "CAM threshold sweep on ${cam_split}: GT-tuned threshold, oracle — not a protocol number"
+    "${launch}" tools.evaluate --source cams --sweep "${cam[@]}"
+    "${launch}" tools.evaluate --source cams --cam-key cam_aux "${cam[@]}"
+    "${launch}" tools.make_pseudo_labels "${cam[@]}"
+    "${launch}" tools.evaluate --source pseudo_labels "${cam[@]}"
+fi
 seg=(--run-dir "${run}" "$@" "eval.split=${seg_split}")
 "${launch}" tools.infer_seg --run-dir "${run}" eval.crf=true "$@" "eval.split=${seg_split}"
 "${launch}" tools.evaluate --source seg "${seg[@]}"

@@ -713,3 +713,54 @@ def test_val_part_rule_is_a_fixed_sorted_subset() -> None:
 def test_layouts_are_descriptions_of_one_code_path() -> None:
     assert set(LAYOUTS) == {"voc", "coco"}
     assert all(isinstance(layout, base.Layout) for layout in LAYOUTS.values())
+
+
+# ---------------------------------------------------------------------------- set-up mistakes and other layouts
+
+
+def test_a_voc_root_a_level_off_names_the_folder_meant(voc_root: Path, tmp_path: Path) -> None:
+    devkit = tmp_path / "VOCdevkit"
+    devkit.mkdir()
+    (devkit / "VOC2012").symlink_to(voc_root, target_is_directory=True)
+    meant = devkit.resolve() / "VOC2012"
+    expect_error(lambda: build_dataset(make_cfg(devkit, tmp_path / "run"), "val", "eval"), FileNotFoundError,
+                 f"data.root = {devkit.resolve()} has no JPEGImages/", f"did you mean data.root={meant}?")  # fmt: skip
+    expect_error(lambda: build_dataset(make_cfg(voc_root / "JPEGImages", tmp_path / "run"), "val", "eval"),
+                 FileNotFoundError, f"did you mean data.root={voc_root.resolve()}?")  # fmt: skip
+
+
+def test_coco_images_directly_under_the_root_are_found(tmp_path: Path) -> None:
+    """MSCOCO/{train2014,val2014}/ (as the zips unpack) reads exactly as MSCOCO/coco2014/{train2014,val2014}/."""
+    root = tmp_path / "MSCOCO"
+    contents = write_coco_tree(root)
+    reference = {split: build_dataset(make_cfg(root, tmp_path / "a", name="coco"), split, "eval")
+                 for split in ("train", "val")}  # fmt: skip
+    first_images = {split: ds[0]["img"] for split, ds in reference.items()}
+    for folder in ("train2014", "val2014"):
+        (root / "coco2014" / folder).rename(root / folder)
+    (root / "coco2014").rmdir()
+    for split, expected in reference.items():
+        ds = build_dataset(make_cfg(root, tmp_path / "b", name="coco"), split, "eval")
+        assert ds.image_dir == root.resolve() / f"{split}2014"
+        assert ds.ids == expected.ids == sorted(contents[split])
+        np.testing.assert_array_equal(ds.labels, expected.labels)
+        assert torch.equal(ds[0]["img"], first_images[split])
+    shutil.rmtree(root / "train2014")
+    both = "MSCOCO/coco2014/{train2014,val2014}/<id>.jpg (SPEC §7) or MSCOCO/{train2014,val2014}/<id>.jpg"
+    expect_error(lambda: build_dataset(make_cfg(root, tmp_path / "c", name="coco"), "train", "eval"),
+                 FileNotFoundError, str(root.resolve() / "coco2014" / "train2014"), str(root.resolve() / "train2014"),
+                 both)  # fmt: skip
+
+
+def test_a_split_without_masks_gives_eval_items_without_masks(tmp_path: Path) -> None:
+    """A VOC test split (generator --num-test): images and a list only; eval items have no mask, labels are empty."""
+    from datasets.synthetic import generate
+
+    root = tmp_path / "VOC2012"
+    summary = generate(root, num_train=2, num_val=1, num_test=2, seed=3, min_size=48, max_size=64)
+    ds = build_dataset(make_cfg(root, tmp_path / "run"), "test", "eval")
+    assert ds.ids == summary["splits"]["test"] == ["synth_000003", "synth_000004"]
+    assert not ds.has_masks and ds.mask_paths == [None, None] and not ds.labels.any()
+    item = ds[1]
+    assert set(item) == {"img", "label", "name"} and item["img"].shape[0] == 3
+    assert build_dataset(make_cfg(root, tmp_path / "run"), "val", "eval").has_masks  # the other splits are unchanged

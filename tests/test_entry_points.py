@@ -5,13 +5,25 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tools import benchmark, evaluate, infer_seg, make_cam, make_pseudo_labels, make_synthetic, prepare_coco, report
+from tools import (
+    benchmark,
+    convert_sbd,
+    evaluate,
+    infer_seg,
+    make_cam,
+    make_pseudo_labels,
+    make_synthetic,
+    package_voc_test,
+    prepare_coco,
+    report,
+)
 from utils.errors import EXIT_USER_ERROR, UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,6 +64,10 @@ HELP_HEADERS = {
 }
 
 
+# what a user needs to start a training on several machines, named in the training entry points' --help
+MULTI_NODE = ["NGPUS", "NNODES", "RDZV_ENDPOINT", "RDZV_ID", "sbatch scripts/slurm_train.sbatch"]
+
+
 @pytest.mark.parametrize(
     ("script", "expected"),
     [
@@ -60,8 +76,12 @@ HELP_HEADERS = {
         ("infer_run_VOC.sh", ["./infer_run_VOC.sh runs/voc", "scripts/infer_pipeline.sh RUN_DIR", "RDZV_ENDPOINT"]),
         ("infer_run_COCO.sh", ["./infer_run_COCO.sh runs/coco", "scripts/infer_pipeline.sh RUN_DIR", "NGPUS"]),
         # train: the script's usage, the launcher's variables, then every option of tools.train
-        ("train_run_VOC.sh", ["./train_run_VOC.sh data.root=", "NNODES", "RDZV_ENDPOINT", "--config CONFIG"]),
-        ("train_run_COCO.sh", ["./train_run_COCO.sh data.root=", "NGPUS", "RDZV_ENDPOINT", "--run-dir RUN"]),
+        # (and where a cluster sets those variables: scripts/slurm_train.sbatch)
+        ("train_run_VOC.sh", ["./train_run_VOC.sh data.root=", *MULTI_NODE, "--config CONFIG"]),
+        (
+            "train_run_COCO.sh",
+            ["./train_run_COCO.sh data.root=", *MULTI_NODE, "ENTRY=train_run_COCO.sh", "--run-dir RUN"],
+        ),
     ],
 )
 def test_every_shell_entry_point_answers_help_from_any_folder(tmp_path: Path, script: str, expected: list[str]):
@@ -174,6 +194,8 @@ USER_ERRORS = {
     "benchmark": (benchmark.main, lambda t: ["--config", str(t / "no.yaml")], "config file not found"),
     "prepare_coco": (prepare_coco.main, _missing_coco, "COCO root folder not found"),
     "make_synthetic": (make_synthetic.main, _full_folder, "is not empty"),
+    "convert_sbd": (convert_sbd.main, lambda t: [str(t), str(t / "VOC2012")], "SBD"),
+    "package_voc_test": (package_voc_test.main, lambda t: ["--run-dir", str(t / "no_run")], "is not a run folder"),
 }
 
 
@@ -191,3 +213,129 @@ def test_debug_mode_shows_the_traceback(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MSFC_DEBUG", "1")
     with pytest.raises(UserError, match="is not a run folder"):
         make_cam.main(["--run-dir", str(tmp_path / "no_run")])
+
+
+# ------------------------------------------------------------------------------- SLURM (scripts/slurm_train.sbatch)
+
+SBATCH = REPO / "scripts" / "slurm_train.sbatch"
+# the job's environment as SLURM sets it for the batch script (two machines, 4 GPUs each)
+SLURM_JOB = {"SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2",
+             "SLURM_GPUS_PER_NODE": "a100:4", "SLURM_CPUS_PER_TASK": "32", "SLURM_SUBMIT_DIR": str(REPO)}  # fmt: skip
+
+SCONTROL_STUB = """#!/bin/sh
+[ "$1 $2" = "show hostnames" ] || exit 9
+printf 'gpu07\\ngpu08\\n'
+"""
+# records its argv, then runs the command once per task with SLURM_NODEID set, as each machine would
+SRUN_STUB = """#!/bin/sh
+printf '%s\\n' "$@" > "$SRUN_RECORD"
+tasks=1
+while [ "${1#-}" != "$1" ]; do
+    case "$1" in --ntasks=*) tasks="${1#--ntasks=}" ;; esac
+    shift
+done
+node=0
+while [ "$node" -lt "$tasks" ]; do
+    SLURM_NODEID=$node "$@" || exit $?
+    node=$((node + 1))
+done
+"""
+# prints the machine, the launcher's variables and its argv (one a line), then "end"
+PYTHON_STUB = """#!/bin/sh
+echo "node=$SLURM_NODEID NNODES=$NNODES NGPUS=$NGPUS RDZV_ENDPOINT=$RDZV_ENDPOINT RDZV_ID=$RDZV_ID"
+echo "MSFC_WRAPPER=${MSFC_WRAPPER-unset}"
+printf '%s\\n' "$@"
+echo end
+"""
+
+
+def _fake_slurm(tmp_path: Path) -> Path:
+    """A folder for PATH with ``scontrol``, ``srun`` and ``python`` stubs (above): the entry point and launcher on
+    each simulated machine run for real, up to the ``python`` they would start."""
+    folder = tmp_path / "slurm_bin"
+    folder.mkdir(exist_ok=True)
+    for name, text in (("scontrol", SCONTROL_STUB), ("srun", SRUN_STUB), ("python", PYTHON_STUB)):
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder
+
+
+# the script's optional variables, blank (= unset) unless a test sets them, whatever the caller's environment holds
+SBATCH_OPTIONAL = dict.fromkeys(["ENTRY", "MSFC_ROOT", "RDZV_PORT", "SLURM_GPUS_ON_NODE", "SLURM_CPUS_PER_TASK"], "")
+
+
+def _sbatch(tmp_path: Path, script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``script`` as SLURM would, with the stubs of :func:`_fake_slurm`, in ``tmp_path``."""
+    env = SBATCH_OPTIONAL | env
+    path = f"{_fake_slurm(tmp_path)}{os.pathsep}{_env()['PATH']}"
+    record = str(tmp_path / "srun.args")
+    return subprocess.run(["bash", str(script), *args], cwd=tmp_path, env=_env(PATH=path, SRUN_RECORD=record, **env),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_the_sbatch_script_is_valid_bash_with_its_directives_before_any_command() -> None:
+    assert subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True).returncode == 0
+    lines = SBATCH.read_text().splitlines()
+    first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
+    directives = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+    # sbatch reads #SBATCH lines only up to the first command
+    assert directives and max(directives) < first_command and lines[first_command] == "set -euo pipefail"
+    for option in ("--nodes=", "--ntasks-per-node=1", "--gpus-per-node=", "--cpus-per-task=", "--time="):
+        assert any(lines[i].startswith(f"#SBATCH {option}") for i in directives), option
+
+
+@pytest.mark.parametrize("spooled", [False, True], ids=["in_place", "spooled_copy"])
+def test_the_sbatch_script_starts_one_launcher_per_machine_with_a_c10d_rendezvous(tmp_path: Path, spooled: bool):
+    """Through srun and the real entry point and launcher, each machine runs the same torchrun command: 2 machines,
+    4 GPUs each, the rendezvous on the first host at 29500 + job id % 500, the job id as rendezvous id."""
+    script = SBATCH
+    if spooled:  # as sbatch runs it: a copy in the spool folder, the repository found through SLURM_SUBMIT_DIR
+        (tmp_path / "spool").mkdir()
+        script = Path(shutil.copy(SBATCH, tmp_path / "spool" / "slurm_script"))
+    result = _sbatch(tmp_path, script, "data.root=/d", "run.out_dir=/r", **SLURM_JOB)
+    assert result.returncode == 0, result.stderr[-2000:]
+    srun = (tmp_path / "srun.args").read_text().splitlines()
+    entry = str(REPO / "train_run_VOC.sh")
+    assert srun == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=32",
+                    entry, "data.root=/d", "run.out_dir=/r"]  # fmt: skip
+    endpoint = f"gpu07:{29500 + 4321 % 500}"
+    torchrun = ["-m", "utils.launch", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-id=4321",
+                f"--rdzv-endpoint={endpoint}", "--nproc_per_node=4", "-m", "tools.train",
+                "--config", str(REPO / "configs" / "voc.yaml"), "data.root=/d", "run.out_dir=/r"]  # fmt: skip
+    launched = [block.strip().splitlines() for block in result.stdout.split("end\n")[:-1]]
+    assert launched == [
+        [f"slurm_train: NNODES=2 NGPUS=4 RDZV_ENDPOINT={endpoint} RDZV_ID=4321 srun {' '.join(srun)}"] * (node == 0)
+        + [f"node={node} NNODES=2 NGPUS=4 RDZV_ENDPOINT={endpoint} RDZV_ID=4321", "MSFC_WRAPPER=unset", *torchrun]
+        for node in (0, 1)
+    ]
+
+
+def test_the_sbatch_script_takes_entry_ngpus_and_port_from_the_environment(tmp_path: Path) -> None:
+    env = {**SLURM_JOB, "SLURM_GPUS_PER_NODE": "", "SLURM_GPUS_ON_NODE": "8", "SLURM_NNODES": "1"}
+    result = _sbatch(tmp_path, SBATCH, "--config", "x.yaml", ENTRY="train_run_COCO.sh", RDZV_PORT="31000", **env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "NNODES=1 NGPUS=8 RDZV_ENDPOINT=gpu07:31000 RDZV_ID=4321" in result.stdout
+    # one machine: the launcher runs torchrun standalone over the machine's 8 GPUs, with the COCO config
+    assert "--standalone\n--nproc_per_node=8\n-m\ntools.train\n--config\n" + str(REPO / "configs" / "coco.yaml") in (
+        result.stdout
+    )
+    result = _sbatch(tmp_path, SBATCH, NGPUS="2", **env)
+    assert "NGPUS=2 " in result.stdout  # NGPUS wins over the allocation
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "not inside a SLURM job (SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES unset): submit with sbatch"),
+        ({**SLURM_JOB, "SLURM_GPUS_PER_NODE": ""}, "cannot tell the GPUs per machine ('')"),
+        ({**SLURM_JOB, "ENTRY": "train_run_ABC.sh"}, "ENTRY=train_run_ABC.sh: "),
+        ({**SLURM_JOB, "MSFC_ROOT": "/nowhere"}, "/nowhere is not the MSFC repository (no scripts/launch.sh)"),
+    ],
+    ids=["outside_slurm", "no_gpu_count", "bad_entry", "bad_root"],
+)
+def test_the_sbatch_script_names_what_is_missing_in_one_line(tmp_path: Path, env: dict[str, str], message: str):
+    env = dict.fromkeys(SLURM_JOB, "") | env  # the variables of a SLURM job that runs the tests, if any, are hidden
+    result = _sbatch(tmp_path, SBATCH, "data.root=/d", **env)
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.startswith("slurm_train: error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "srun.args").exists()

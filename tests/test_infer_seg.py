@@ -75,8 +75,8 @@ def test_one_png_per_image_equal_to_the_network_argmax_and_a_second_run_does_not
     # overlays: image | prediction | ground truth (4-pixel gaps) for rank 0's first 2 images
     overlays = sorted((run / "seg" / "val_overlays").glob("*.png"))
     assert [p.stem for p in overlays] == dataset.ids[:2]
-    with Image.open(overlays[0]) as image:
-        assert image.size == (3 * dataset[0]["img"].shape[2] + 8, dataset[0]["img"].shape[1])
+    with Image.open(overlays[0]) as image:  # three panels, two gaps (the height may include a caption band)
+        assert image.size[0] == 3 * dataset[0]["img"].shape[2] + 8 and image.size[1] >= dataset[0]["img"].shape[1]
 
     mtimes = {p: p.stat().st_mtime_ns for p in (run / "seg" / "val").glob("*.png")}
     capsys.readouterr()
@@ -415,3 +415,35 @@ def test_inference_autocast_follows_eval_precision(trained, tmp_path, monkeypatc
     monkeypatch.setattr(infer_seg, "autocast", recording)
     _infer(_copy_run(trained, tmp_path / "run"), "data.max_images=1", "eval.precision=fp16", "train.precision=fp32")
     assert seen == ["fp16"]
+
+
+def test_a_split_without_masks_is_predicted_with_two_panel_overlays_and_not_scored(trained, tmp_path, capsys):
+    """VOC's test split (images and a list, no masks): every image gets its prediction at its own size, overlays
+    are image | prediction, and tools.evaluate refuses the split in one line pointing to the packaging tool."""
+    from datasets.synthetic import generate
+    from tests.user_errors import user_error_line
+    from tools import evaluate
+
+    root = tmp_path / "VOC2012"
+    generate(root, num_train=2, num_val=1, num_test=3, seed=1, min_size=64, max_size=96)
+    run = _copy_run(trained, tmp_path / "run")
+    stats = _infer(run, f"data.root={root}", "eval.split=test", "eval.crf=true", "eval.crf_workers=0",
+                   "eval.num_overlays=2")  # fmt: skip
+    dataset = build_dataset(_config(run, f"data.root={root}"), "test", "eval")
+    assert not dataset.has_masks and "mask" not in dataset[0]
+    assert (stats.seg_images, stats.crf_images) == (3, 3)
+    predictions = _labels(run / "seg" / "test")
+    assert sorted(predictions) == sorted(dataset.ids)
+    for index, name in enumerate(dataset.ids):
+        assert predictions[name].shape == tuple(dataset[index]["img"].shape[1:])
+    for folder in ("seg", "seg_crf"):
+        overlays = sorted((run / folder / "test_overlays").glob("*.png"))
+        assert [p.stem for p in overlays] == dataset.ids[:2]
+        height, width = dataset[0]["img"].shape[1:]
+        with Image.open(overlays[0]) as image:
+            # two panels and one 4-pixel gap: no ground-truth panel (the height may include a caption band)
+            assert image.size[0] == 2 * width + 4 and image.size[1] >= height
+    args = ["--run-dir", str(run), "--source", "seg", f"data.root={root}", "eval.split=test"]
+    line = user_error_line(evaluate.main, args, capsys)
+    assert "split 'test' has no ground-truth masks" in line and "tools.package_voc_test" in line
+    assert not (run / "eval").exists()

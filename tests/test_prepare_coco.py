@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+import utils.logging
 from datasets import build_dataset
 from datasets.classes import COCO_CATEGORIES, COCO_CLASSES, COCO_ID_TO_LABEL, VOC_CLASSES, VOC_TO_COCO_NAME
 from datasets.coco import val_part_ids
@@ -303,3 +305,118 @@ def test_rerun_on_a_tree_without_label_files_adds_them_and_keeps_the_masks(
     for split in ("train", "val"):
         name = f"labels_{split}2014.json"
         assert (tmp_path / "ImageSets" / name).read_bytes() == (source / "ImageSets" / name).read_bytes()
+
+
+# ---------------------------------------------------------------------------------- progress without a terminal
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_without_a_terminal_progress_is_logged_in_lines(
+    tmp_path: Path, synthetic_coco: CocoFixture, caplog: pytest.LogCaptureFixture, monkeypatch, workers: int
+) -> None:
+    """nohup / SLURM: no bar, but a line per interval (here 0 s: every image) with count, rate and ETA, and one at
+    the start and end of each split."""
+    monkeypatch.setattr(utils.logging, "is_terminal", lambda stream=None: False)  # whatever runs the tests
+    source = synthetic_coco[0]
+    for folder in ("annotations", "coco2014"):
+        shutil.copytree(source / folder, tmp_path / folder)
+    caplog.set_level(logging.INFO, logger=prepare_coco.logger.name)
+    prepare(tmp_path, splits=["val"], workers=workers, progress_every=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == prepare_coco.logger.name]
+    assert lines[0] == "COCO val2014 masks: started, 8 img"
+    assert re.fullmatch(r"COCO val2014 masks: done, 8 img in \d+:\d\d:\d\d \([\d.e+]+ img/s\)", lines[-1]), lines
+    periodic = [re.fullmatch(r"COCO val2014 masks: (\d)/8 \(([\d.]+)%\) \| ([\d.e+]+) img/s \| elapsed "
+                             r"\d+:\d\d:\d\d \| ETA (\d+):(\d\d):(\d\d)", line) for line in lines[1:-1]]  # fmt: skip
+    assert all(periodic), lines
+    assert [int(match[1]) for match in periodic] == list(range(1, 9))
+    assert [float(match[2]) for match in periodic] == [100 * n / 8 for n in range(1, 9)]
+    assert periodic[-1].groups()[3:] == ("0", "00", "00")  # nothing left
+
+
+def test_the_progress_interval_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        prepare_coco.main([str(tmp_path), "--progress-every", "-1"])
+    assert stopped.value.code == 2 and "--progress-every must be >= 0 seconds, got -1" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------- image layouts and the val_part list option
+
+
+def _copy_coco(source: Path, dest: Path, flat: bool = False) -> Path:
+    """The instances JSON and images of ``source`` (no masks or lists); ``flat``: images in dest/{train,val}2014."""
+    shutil.copytree(source / "annotations", dest / "annotations")
+    shutil.copytree(source / "coco2014", dest if flat else dest / "coco2014", dirs_exist_ok=True)
+    return dest
+
+
+def test_images_directly_under_the_root_give_the_same_masks_lists_and_labels(
+    tmp_path: Path, synthetic_coco: CocoFixture
+) -> None:
+    source = synthetic_coco[0]
+    root = _copy_coco(source, tmp_path / "MSCOCO", flat=True)
+    assert (root / "train2014").is_dir() and not (root / "coco2014").exists()
+    summary = prepare(root)
+    assert summary["train"]["missing_images"] == summary["val"]["missing_images"] == 0
+    assert _mask_hashes(root) == _mask_hashes(source)
+    for name in ("train.txt", "val.txt", "val_part.txt", "labels_train2014.json", "labels_val2014.json"):
+        assert (root / "ImageSets" / name).read_bytes() == (source / "ImageSets" / name).read_bytes(), name
+
+
+def test_missing_images_in_both_layouts_name_both_paths(tmp_path: Path, synthetic_coco: CocoFixture) -> None:
+    (tmp_path / "annotations").mkdir()
+    shutil.copy(synthetic_coco[0] / "annotations" / "instances_val2014.json", tmp_path / "annotations")
+    with pytest.raises(FileNotFoundError) as info:
+        prepare(tmp_path, splits=["val"])
+    assert str(tmp_path / "coco2014" / "val2014") in str(info.value) and str(tmp_path / "val2014") in str(info.value)
+
+
+def test_val_part_list_replaces_the_built_in_subset_and_is_kept_by_later_runs(
+    tmp_path: Path, synthetic_coco: CocoFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = synthetic_coco[0]
+    root = _copy_coco(source, tmp_path / "MSCOCO")
+    val = (source / "ImageSets" / "val.txt").read_text().split()
+    chosen = [val[5], val[0], val[3]]
+    listed = tmp_path / "val_part.txt"  # ToCo's format: one image stem per line
+    listed.write_text("".join(f"{name}\n" for name in chosen))
+    assert prepare_coco.main([str(root), "--splits", "val", "--val-part-list", str(listed)]) == 0
+    assert "val_part: 3 images (--val-part-list" in capsys.readouterr().out
+    part = root / "ImageSets" / "val_part.txt"
+    assert part.read_text().split() == sorted(chosen)
+    overrides = [f"data.root={root}", "data.name=coco", "data.num_classes=81", f"run.out_dir={tmp_path / 'run'}"]
+    ds = build_dataset(load_config(None, overrides), "val_part", "eval")
+    assert ds.ids == sorted(chosen)  # what training validates on
+    record = json.loads((root / "ImageSets" / "val_part_source.json").read_text())
+    assert record == {"list": str(listed.resolve()), "ids": 3}
+    # a later run without the option (e.g. to add label files) keeps the chosen list ...
+    summary = prepare(root, splits=["val"])
+    assert part.read_text().split() == sorted(chosen) and summary["val"]["val_part"] == 3
+    # ... until the record is removed: then the built-in subset (all 8 val images here, fewer than 5,000)
+    (root / "ImageSets" / "val_part_source.json").unlink()
+    assert prepare(root, splits=["val"])["val"]["val_part_source"] == "built-in fixed subset"
+    assert part.read_bytes() == (source / "ImageSets" / "val_part.txt").read_bytes()
+
+
+def test_val_part_list_with_unknown_ids_is_refused_before_any_mask(
+    tmp_path: Path, synthetic_coco: CocoFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.user_errors import user_error_line
+
+    source = synthetic_coco[0]
+    root = _copy_coco(source, tmp_path / "MSCOCO")
+    val = (source / "ImageSets" / "val.txt").read_text().split()
+    train = (source / "ImageSets" / "train.txt").read_text().split()
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{val[0]}\nCOCO_val2014_000000999999\n{train[0]}\n")
+    line = user_error_line(prepare_coco.main, [str(root), "--val-part-list", str(listed)], capsys)  # train + val
+    assert f"2 of 3 id(s) are not among the {len(val)} annotated val2014 images" in line
+    assert "COCO_val2014_000000999999" in line and train[0] in line and str(listed) in line
+    # val is checked first, so not even the train masks were written
+    assert not (root / "SegmentationClass").exists() and not (root / "ImageSets").exists()
+    with pytest.raises(ValueError, match="needs the val split"):
+        prepare(root, splits=["train"], val_part_list=listed)
+    listed.write_text(f"{val[0]}\n{val[0]}\n")
+    with pytest.raises(ValueError, match=r"lists 1 id\(s\) more than once"):
+        prepare(root, splits=["val"], val_part_list=listed)
+    line = user_error_line(prepare_coco.main, [str(root), "--val-part-list", str(tmp_path / "nope.txt")], capsys)
+    assert "nope.txt not found" in line

@@ -129,3 +129,42 @@ def test_module_entry_point_exit_codes(voc_root: Path, tmp_path: Path, monkeypat
         with pytest.raises(SystemExit) as info:
             runpy.run_module("tools.prepare_voc", run_name="__main__")
         assert info.value.code == code
+
+
+# ------------------------------------------------------------------------ a root one or two levels off: "did you mean"
+
+
+def _linked_voc(voc_root: Path, *parts: str) -> Path:
+    """``parts`` as real folders, the last a symlink to the session's VOC2012 tree; returns the link."""
+    link = Path(*parts)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(voc_root, target_is_directory=True)
+    return link
+
+
+@pytest.mark.parametrize("given", ["VOCdevkit", "download"])
+def test_a_root_above_voc2012_names_the_voc2012_folder(
+    voc_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, given: str
+) -> None:
+    meant = _linked_voc(voc_root, str(tmp_path), "download", "VOCdevkit", "VOC2012")
+    # A sibling VOC2007 (also with JPEGImages) must not be chosen over VOC2012.
+    (tmp_path / "download" / "VOCdevkit" / "VOC2007" / "JPEGImages").mkdir(parents=True)
+    root = tmp_path / "download" / "VOCdevkit" if given == "VOCdevkit" else tmp_path / "download"
+    report = check_voc(root)
+    assert len(report.errors) == 1 and f"did you mean {meant}?" in report.errors[0]  # one finding, not every folder
+    assert str(root) in report.errors[0]
+    assert main([str(root)]) == 1
+    assert f"did you mean {meant}?" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("below", ["JPEGImages", "ImageSets/Segmentation"])
+def test_a_root_inside_voc2012_names_the_voc2012_folder(voc_root: Path, below: str) -> None:
+    report = check_voc(voc_root / below)
+    assert len(report.errors) == 1 and f"did you mean {voc_root.resolve()}?" in report.errors[0]
+
+
+def test_an_unrelated_folder_gets_no_hint_but_the_missing_folders(tmp_path: Path) -> None:
+    (tmp_path / "photos" / "holiday").mkdir(parents=True)
+    errors = check_voc(tmp_path).errors
+    assert not any("did you mean" in e for e in errors)
+    assert any("missing folder" in e and "JPEGImages" in e for e in errors)

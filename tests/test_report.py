@@ -180,3 +180,75 @@ def test_a_torn_eval_file_is_a_one_line_error_naming_it(tmp_path, capsys):
     assert report.main(["--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {run / 'eval' / 'seg_val.json'} is not valid JSON") and len(err.splitlines()) == 1
+
+
+CLASSES = ["background", "cow", "sofa"]
+# per-class IoUs as tools.evaluate writes them (None: the class is in neither the masks nor the predictions)
+PER_CLASS = {
+    "cams_train.json": [0.9, 0.42, 0.18],
+    "pseudo_labels_train.json": [0.8, 0.22, None],
+    "seg_val.json": [0.95, 0.0, 0.0],
+    "seg_crf_val.json": [0.96, 0.0, 0.01],
+}
+
+
+def _per_class_run(tmp_path: Path) -> Path:
+    run = _run(tmp_path)
+    for name, iou in PER_CLASS.items():
+        values = [v for v in iou if v is not None]
+        atomic_write_json(run / "eval" / name, {"miou": sum(values) / len(values), "iou": iou, "class_names": CLASSES,
+                                                "num_images": 3 if "train" in name else 8})  # fmt: skip
+    # the other split's files are not charted
+    atomic_write_json(run / "eval" / "cams_val.json", {"miou": 0.5, "iou": [0.5] * 3, "class_names": CLASSES})
+    return run
+
+
+def test_per_class_chart_plots_the_eval_files_values_and_is_written_next_to_the_report(tmp_path):
+    run = _per_class_run(tmp_path)
+    names, stages = report.per_class_iou(run, "train", "val")
+    assert names == CLASSES
+    assert list(stages) == ["CAM", "pseudo labels", "seg head", "seg head + DenseCRF"]
+    for (stem, _, group), stage in zip(report.PER_CLASS_STAGES, stages.values(), strict=True):
+        split = "train" if group == "cam" else "val"
+        assert stage["split"] == split and stage["iou"] == PER_CLASS[stem.format(split=split)]
+
+    assert report.main(["--run-dir", str(run)]) == 0
+    png = run / "results" / report.PER_CLASS_PNG
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in png.parent.iterdir()) == [
+        "per_class_iou.json", "per_class_iou.png", "results.json", "results.md"
+    ]  # fmt: skip
+    drawn = json.loads((run / "results" / report.PER_CLASS_JSON).read_text())
+    assert drawn["class_names"] == CLASSES
+    assert [stage["iou"] for stage in drawn["stages"].values()] == list(PER_CLASS.values())
+
+    # what is drawn: one bar per class and stage with the eval file's IoU, legend = stage (split, mIoU)
+    results = json.loads((run / "results" / "results.json").read_text())
+    figure = report.per_class_figure(results)
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == CLASSES
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "CAM (train, mIoU 50.0)", "pseudo labels (train, mIoU 51.0)", "seg head (val, mIoU 31.7)",
+        "seg head + DenseCRF (val, mIoU 32.3)",
+    ]  # fmt: skip
+    for container, iou in zip(axes.containers, PER_CLASS.values(), strict=True):
+        heights = [bar.get_height() for bar in container.patches]
+        assert heights == pytest.approx([float("nan") if v is None else v for v in iou], nan_ok=True)
+    assert axes.get_ylabel() == "IoU" and axes.get_ylim() == (0.0, 1.0)
+    assert figure.get_suptitle() == (
+        f"Per-class IoU, run {run}\nCAM and pseudo labels on train (3 images), segmentation on val (8 images); "
+        "weights eval.checkpoint=last"
+    )
+
+
+def test_per_class_chart_skips_missing_stages_and_refuses_mismatched_classes(tmp_path, capsys):
+    run = _per_class_run(tmp_path)
+    (run / "eval" / "seg_crf_val.json").unlink()
+    assert list(report.per_class_iou(run, "train", "val")[1]) == ["CAM", "pseudo labels", "seg head"]
+    assert report.per_class_iou(run, "test", "test") == ([], {})  # nothing evaluated there: no chart
+    atomic_write_json(run / "eval" / "seg_val.json", {"miou": 0.5, "iou": [0.5, 0.5], "class_names": ["a", "b"]})
+    capsys.readouterr()
+    assert report.main(["--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {run / 'eval' / 'seg_val.json'} names other classes than the other eval files of {run}; " \
+        "rerun tools.evaluate\n"  # fmt: skip

@@ -8,7 +8,10 @@ import errno
 import json
 import logging
 import os
+import platform
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,12 +23,15 @@ import torch
 from PIL import Image
 
 import engine.task
+import engine.trainer
 from engine.task import MSFC_METRICS
 from engine.trainer import restore_best as _restore_best
 from tools import train
 from utils.checkpoint import read_checkpoint, resolve_checkpoint
 from utils.config import load_config
 from utils.logging import read_metrics
+from utils.optim import lr_factor
+from utils.provenance import git_state
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_TERMS = {"cls", "cls_aux", "ptc", "ctc", "smc", "mem", "seg", "reg"}
@@ -55,6 +61,77 @@ def test_two_iterations_write_every_output_and_log_exactly_the_enabled_terms(voc
     assert {k[5:] for k in records[1] if k.startswith("loss_")} == (ALL_TERMS - {"mem"}) | {"total"}
     assert {k[5:] for k in records[2] if k.startswith("loss_")} == ALL_TERMS | {"total"}
     assert read_checkpoint(out / "checkpoints" / "last.pth")["step"] == 2
+
+
+# a train.log step line: step, lr, seconds per step, ETA (h:mm:ss), [CUDA peak memory], then the losses
+STEP_LINE = re.compile(
+    r"engine\.trainer: step (\d+)/(\d+)  lr (\S+)  (\S+) s/it  ETA (\d+):(\d\d):(\d\d)(?:  cuda peak (\S+) GiB)?  loss_"
+)
+
+
+def _step_lines(out: Path) -> dict[int, re.Match]:
+    found = (STEP_LINE.search(line) for line in (out / "train.log").read_text().splitlines())
+    return {int(match[1]): match for match in found if match}
+
+
+def test_step_lines_tell_the_learning_rate_pace_and_eta_and_the_log_starts_with_the_code(voc_root, tmp_path):
+    out = tmp_path / "run"
+    overrides = ("train.max_iters=4", "train.ckpt_every=4", "train.log_every=1")
+    assert train.main(_args(voc_root, out, *overrides)) == 0
+    cfg = load_config("configs/smoke.yaml", [f"data.root={voc_root}", f"run.out_dir={out}", *overrides]).train
+    records, lines = _train_records(out), _step_lines(out)
+    assert sorted(lines) == sorted(records) == [1, 2, 3, 4]
+    for done, record in records.items():
+        line = lines[done]
+        # the lr of the window's last step (done - 1), as the schedule gives it, for the backbone group
+        factor = lr_factor(done - 1, 4, int(cfg.warmup_iters), float(cfg.warmup_ratio), float(cfg.poly_power))
+        assert record["lr"] == record["lr_backbone"] == float(cfg.lr) * factor
+        assert line[2] == "4" and float(line[3]) == pytest.approx(record["lr"], rel=1e-2)
+        assert 0 < record["sec_per_it"] < 60 and float(line[4]) == pytest.approx(record["sec_per_it"], rel=1e-2)
+        assert int(line[5]) * 3600 + int(line[6]) * 60 + int(line[7]) == round(record["eta_s"])
+        assert line[8] is None and "cuda_peak_gib" not in record  # a CPU run
+    assert records[1]["eta_s"] > records[4]["eta_s"] == 0.0  # counts down to 0 at max_iters
+    # the first line names the code that ran: commit, branch and working tree of this checkout (or none)
+    first = (out / "train.log").read_text().splitlines()[0]
+    state = git_state(REPO)
+    assert f"engine.trainer: code: {REPO}, " in first
+    assert (f"git {state.commit} on {state.branch}, " if state.commit else "not a git checkout") in first
+    (setup,) = read_metrics(out / "metrics.jsonl", kind="setup")
+    assert setup["step"] == 0 and (setup["world_size"], setup["global_batch"]) == (1, 2)
+    assert (setup["git"]["commit"], setup["git"]["branch"]) == (state.commit, state.branch)
+    assert isinstance(setup["git"]["dirty"], bool) == (state.commit is not None)
+    assert setup["torch"] == torch.__version__
+
+
+def test_a_training_outside_a_git_checkout_says_so_and_runs(voc_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine.trainer, "REPO_ROOT", tmp_path)  # as if the code were a copy without .git
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    out = tmp_path / "run"
+    assert train.main(_args(voc_root, out, "train.max_iters=1")) == 0
+    assert (
+        (out / "train.log")
+        .read_text()
+        .splitlines()[0]
+        .endswith(
+            f"engine.trainer: code: {tmp_path}, not a git checkout | python {platform.python_version()}, "
+            f"torch {torch.__version__} | host {socket.gethostname()}"
+        )
+    )
+    (setup,) = read_metrics(out / "metrics.jsonl", kind="setup")
+    assert setup["git"] == {"commit": None, "branch": None, "changed_files": None, "note": "not a git checkout",
+                            "dirty": None}  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_step_lines_tell_the_peak_gpu_memory(voc_root, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(_args(voc_root, out, "run.device=cuda", "train.max_iters=2")) == 0
+    records, lines = _train_records(out), _step_lines(out)
+    for done, record in records.items():
+        assert 0 < record["cuda_peak_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
+        assert float(lines[done][8]) == pytest.approx(record["cuda_peak_gib"], abs=0.006)
+    assert records[2]["cuda_peak_gib"] >= records[1]["cuda_peak_gib"]  # a peak since the start never falls
 
 
 def test_disabled_terms_are_not_computed_or_logged(voc_root, tmp_path):

@@ -28,6 +28,7 @@ the source, or ``cams_aux`` for ``--cam-key cam_aux``. With ``eval.results_log=F
 
 A missing or malformed prediction, a bad option or config value ends the tool with one ``error: ...`` line naming the
 file or key and exit code 2 (``utils.errors``); missing predictions are listed (the first few ids and their count).
+A split without masks (VOC ``test``) is refused before any work, pointing to ``tools/package_voc_test.py``.
 
 Outputs made on several machines (``run.num_shards``, ``utils.outputs.Shard``) are scored once every shard's files
 are in the run folder (copied there, or written to a shared one): the tool always scores the whole split, whatever
@@ -319,7 +320,13 @@ def evaluate(
     split = split_name(cfg)
     dataset = build_dataset(cfg, split, "eval")
     if not dataset.has_masks:
-        raise FileNotFoundError(f"split {split!r} has no ground-truth masks, so it cannot be evaluated (eval.split)")
+        folders = [str(d) for d in dataset.layout.mask_folders(dataset.root, split)]
+        raise InputError(
+            f"split {split!r} has no ground-truth masks (none in {folders}), so it cannot be evaluated "
+            f"(eval.split={split}); a test split is scored by its benchmark's server: for PASCAL VOC 2012 test, "
+            f"package the predictions with `python -m tools.package_voc_test --run-dir {cfg.run.out_dir}` and upload "
+            'the tar (README, "VOC test server")'
+        )
     spec = SOURCES[source]
     folder = Path(cfg.run.out_dir) / spec.folder / split
     if int(cfg.run.num_shards) > 1:
@@ -382,7 +389,12 @@ def _report(cfg: DictConfig, result: dict[str, Any], name: str, sweep: bool, tag
     if sweep:
         curve = result["sweep"]
         plot = out / f"{stem}.png"
-        plot_sweep([r["threshold"] for r in curve], [r["miou"] for r in curve], result["threshold"], plot)
+        weights, run_prefix = str(result["checkpoint"]), str(result["run"]).rstrip("/") + "/"
+        weights = weights[len(run_prefix) :] if weights.startswith(run_prefix) else weights
+        title = (f"CAM background-threshold sweep ('{result.get('cam_key', name)}' maps) on {result['split']} "
+                 f"({result['num_images']:,} images)\nrun {result['run']}, weights {weights}")  # fmt: skip
+        plot_sweep([r["threshold"] for r in curve], [r["miou"] for r in curve], result["threshold"], plot,
+                   configured=float(cfg.cam.bkg_thre), title=title)  # fmt: skip
         logger.info("best background threshold %.4g (%s): mIoU %s (curve in %s)", result["threshold"], SWEEP_NOTE,
                     _pct(result["miou"]), out / f"{stem}.png")  # fmt: skip
     atomic_write_json(out / f"{stem}.json", result)

@@ -11,6 +11,10 @@ Outputs, for split = ``eval.split`` (else ``data.val_split``):
     RUN/seg/<split>_overlays/<id>.png        image | prediction | ground truth, first eval.num_overlays of rank 0
     RUN/seg_crf/<split>_overlays/<id>.png    the same for the CRF predictions
 
+A split without masks (VOC ``test``: images and a list only) runs the same way; its overlays are image | prediction,
+and nothing is scored (``tools/evaluate.py`` refuses such a split; ``tools/package_voc_test.py`` packages VOC test
+predictions for the evaluation server).
+
 Each prediction PNG is a palette ("P" mode) PNG whose pixel values are the class ids (0 = background): read as an
 array (``utils.io.read_label_png``) it is the class-id map, shown in a viewer it is the VOC-coloured map, so one file
 is both the class-id PNG and the palette PNG of SPEC §5.2. ``eval.resize`` (COCO: 448) resizes the image before the
@@ -53,7 +57,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from datasets import build_dataset, collate_eval
 from engine.inference import autocast, autocast_name, check_resize_mode, predict_seg_logits
@@ -63,7 +66,7 @@ from utils.checkpoint import checkpoint_identity
 from utils.config import ConfigError
 from utils.crf import CRFPool, crf_params
 from utils.io import save_label_png, save_npz
-from utils.logging import setup_logging
+from utils.logging import progress_bar, setup_logging
 from utils.outputs import Shard, output_dir, pending_indices, prepare_outputs, run_tool, split_name
 from utils.visualize import overlay, save_image, side_by_side
 
@@ -206,12 +209,15 @@ def output_settings(cfg: DictConfig, device: torch.device) -> dict:
     }
 
 
-def _write_overlay(path: Path, rgb: np.ndarray, prediction: np.ndarray, gt: np.ndarray | None) -> None:
-    """image | prediction | ground truth (when the split has masks), side by side."""
-    panels = [rgb, overlay(rgb, prediction)]
+def _write_overlay(
+    path: Path, rgb: np.ndarray, prediction: np.ndarray, gt: np.ndarray | None, title: str = "prediction"
+) -> None:
+    """image | prediction | ground truth (when the split has masks), side by side under a caption band naming them."""
+    panels, titles = [rgb, overlay(rgb, prediction)], ["image", title]
     if gt is not None:
         panels.append(overlay(rgb, gt.astype(np.uint8)))
-    save_image(path, side_by_side(panels))
+        titles.append("ground truth")
+    save_image(path, side_by_side(panels, titles=titles))
 
 
 def network_stage(
@@ -233,7 +239,7 @@ def network_stage(
     """
     ev = cfg.eval
     min_prob = crf_min_prob(cfg)
-    progress = tqdm(total=len(plan.todo), desc="infer_seg", disable=not dist.is_main_process(), dynamic_ncols=True)
+    progress = progress_bar(total=len(plan.todo), desc="infer_seg", disable=not dist.is_main_process())
     start = time.perf_counter()
     try:
         for index, item in zip(plan.todo, loader, strict=True):
@@ -308,7 +314,7 @@ def crf_stage(
             stats.crf_bytes += (folders.crf / f"{name}.png").stat().st_size
             if name in overlay_gts:
                 path = folders.crf_overlays / f"{name}.png"
-                _write_overlay(path, rgbs.pop(name), label, overlay_gts.pop(name))
+                _write_overlay(path, rgbs.pop(name), label, overlay_gts.pop(name), "prediction + DenseCRF")
                 stats.overlays.append(path)
             stats.crf_images += 1
 
@@ -346,6 +352,8 @@ def run_inference(cfg: DictConfig) -> Stats:
     setup_logging(cfg.run.out_dir, rank, "infer_seg.log")
     split = split_name(cfg)
     dataset = build_dataset(cfg, split, "eval")
+    if not dataset.has_masks:
+        logger.info("split %s has no ground-truth masks: predictions only, overlays show image | prediction", split)
     folders = Folders.from_config(cfg, split)
     # Outputs are skipped where they exist, so refuse to mix in outputs made with other settings.
     seg_settings = output_settings(cfg, device)

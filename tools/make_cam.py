@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from core.cam import multiscale_cam, normalise_per_class, round_to_patch
 from core.camfile import FILE_DTYPES, cam_arrays
@@ -53,7 +52,7 @@ from utils import dist
 from utils.checkpoint import checkpoint_identity
 from utils.config import ConfigError
 from utils.io import save_npz
-from utils.logging import setup_logging
+from utils.logging import progress_bar, setup_logging
 from utils.outputs import Shard, output_dir, pending_indices, prepare_outputs, run_tool, split_name
 
 logger = logging.getLogger("tools.make_cam")
@@ -181,7 +180,7 @@ def export_cams(cfg: DictConfig) -> dict:
         scales, max_batch = tuple(float(s) for s in cfg.cam.scales), int(cfg.cam.max_batch)
         # CAMs become labels: fp32 unless cam.precision=train (SPEC §8); autocast is a no-op on CPU anyway.
         precision = label_cam_precision(str(cfg.cam.precision), str(cfg.train.precision))
-        progress = tqdm(loader, desc=f"cams {split}", disable=rank != 0, dynamic_ncols=True)
+        progress = progress_bar(loader, desc=f"cams {split}", disable=rank != 0, dynamic_ncols=True)
         with progress, CamWriter(int(cfg.cam.write_threads)) as writer:
             for item in progress:
                 x = model.normalize(item["img"][0].to(device)[None])

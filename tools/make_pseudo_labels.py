@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from core.camfile import CAM_KEYS, read_cams
 from core.pseudo_labels import (
@@ -58,7 +57,7 @@ from utils import dist
 from utils.config import ConfigError
 from utils.crf import CRFPool, crf_params
 from utils.io import read_image, save_label_png, save_npz
-from utils.logging import setup_logging
+from utils.logging import progress_bar, setup_logging
 from utils.outputs import Shard, output_dir, pending_indices, prepare_outputs, run_tool, split_name
 from utils.text import preview
 
@@ -255,7 +254,7 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
     workers = int(cfg.eval.crf_workers) if opts.crf else 0
     with CRFPool(workers, **(pipeline.crf_params or {})) as pool:
         stream = pipeline.crf_stream(items, pool) if opts.crf else items
-        progress = tqdm(stream, total=len(todo), desc=f"pseudo {split}", disable=rank != 0, dynamic_ncols=True)
+        progress = progress_bar(stream, total=len(todo), desc=f"pseudo {split}", disable=rank != 0, dynamic_ncols=True)
         with progress:  # closed however the loop ends, so an error message starts on a line of its own
             for item in progress:
                 label, soft = pipeline.finish(item)

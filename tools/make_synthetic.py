@@ -1,10 +1,12 @@
 """Write a synthetic dataset in the PASCAL VOC 2012 (+ SBD aug) or COCO 2014 layout (see datasets/synthetic.py).
 
-Usage: python -m tools.make_synthetic OUT_DIR [--num-train N] [--num-val M] [--seed S] [--layout voc|coco]
-                                       [--min-size PX] [--max-size PX] [--workers N] [--crowd-prob P]
+Usage: python -m tools.make_synthetic OUT_DIR [--num-train N] [--num-val M] [--num-test T] [--seed S]
+                                       [--layout voc|coco] [--min-size PX] [--max-size PX] [--workers N]
+                                       [--crowd-prob P]
 
 The VOC layout goes straight into OUT_DIR (use it as data.root); the COCO one writes OUT_DIR/coco2014 and
 OUT_DIR/annotations, after which ``python -m tools.prepare_coco OUT_DIR`` builds the masks and lists.
+``--num-test T`` (VOC) adds a ``test`` split of T images with a JPEG only, like VOC's test set (default 0: none).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", help="output folder (must be empty or absent)")
     parser.add_argument("--num-train", type=int, default=400, help="train_aug / train2014 images")
     parser.add_argument("--num-val", type=int, default=100, help="val / val2014 images")
+    parser.add_argument("--num-test", type=int, default=0, help="voc layout: test images (JPEG only, no mask)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (same seed => byte-identical files)")
     parser.add_argument("--layout", choices=("voc", "coco"), default="voc", help="on-disk layout")
     parser.add_argument("--min-size", type=int, default=96, help="smallest image side in pixels")
@@ -42,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_size=args.max_size,
             workers=args.workers,
             crowd_prob=args.crowd_prob,
+            num_test=args.num_test,
         )
         seconds = time.perf_counter() - start
         splits = ", ".join(f"{name} {len(ids)}" for name, ids in summary["splits"].items())

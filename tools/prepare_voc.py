@@ -1,6 +1,7 @@
 """Check a PASCAL VOC 2012 (+ SBD aug) tree and report exactly what is missing (SPEC §7).
 
-Usage: ``python -m tools.prepare_voc ROOT [--deep]`` with ROOT = ``.../VOCdevkit/VOC2012``.
+Usage: ``python -m tools.prepare_voc ROOT [--deep]`` with ROOT = ``.../VOCdevkit/VOC2012``; a ROOT a level or two
+off (``VOCdevkit/``, ``VOC2012/JPEGImages``) is answered with "did you mean .../VOC2012?".
 
 Checks the required folders and split lists, ids listed twice, ids listed without an image or mask, a derived
 ``train_aug`` (aug masks minus val) when no list exists, train_aug/val overlap, and the counts per split against the
@@ -21,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from datasets.base import mask_classes, read_id_list, scan_ids
-from datasets.voc import AUG_MASK_DIR, VOC_LAYOUT, derive_voc_ids
+from datasets.voc import AUG_MASK_DIR, VOC_LAYOUT, derive_voc_ids, voc_root_hint
 from utils.io import probe_image
 from utils.text import preview
 
@@ -108,6 +109,13 @@ def check_voc(root: str | Path, deep: bool = False) -> Report:
     root = Path(root).expanduser()
     if not root.is_dir():
         report.errors.append(f"root {root} does not exist; expected {VOC_LAYOUT.description}")
+        return report
+    meant = voc_root_hint(root)
+    if meant is not None:  # one finding instead of every folder reported missing
+        report.errors.append(
+            f"{root} has no {VOC_LAYOUT.image_dir}/ folder: did you mean {meant}? (ROOT is the VOC2012 folder "
+            f"itself; expected {VOC_LAYOUT.description})"
+        )
         return report
     for sub in REQUIRED_DIRS:
         if not (root / sub).is_dir():

@@ -2,6 +2,7 @@
 
     python -m tools.report --run-dir RUN [--seconds S] [key=value ...]
     python -m tools.report --print-splits --run-dir RUN [key=value ...]     prints "CAM_SPLIT SEG_SPLIT"
+    python -m tools.report --print-task --run-dir RUN                       prints "msfc" or "stage2"
     python -m tools.report --compare RUN [RUN ...] [--out FILE.md]         one row per run (scripts/ablate.sh)
 
 The protocol of SPEC §8 scores CAMs, aux-CAMs and pseudo labels on ``eval.cam_split`` (VOC train, 1,464 images; COCO
@@ -14,7 +15,11 @@ made them) and ``RUN/metrics.jsonl``, and writes ``RUN/results/``: ``results.jso
 ``seg_split``, ``checkpoint``, ``cam_checkpoint``, ``seg_checkpoint``, ``cam_miou``, ``cam_aux_miou``,
 ``cam_best_threshold``, ``cam_best_miou``, ``pseudo_label_miou``, ``pseudo_label_labelled_miou``,
 ``pseudo_label_coverage``, ``seg_miou``, ``seg_crf_miou``, ``train_seconds``, ``seconds``, ...; a stage that was not
-evaluated is null), ``results.md`` (the protocol table), the CAM threshold-sweep plot and the segmentation overlays.
+evaluated is null; with a second-stage run in ``RUN/stage2`` also ``stage2_run``, ``stage2_seg_miou`` and
+``stage2_seg_crf_miou``, read from its eval files on the same split), ``results.md`` (the protocol table), the CAM
+threshold-sweep plot, the segmentation overlays and ``per_class_iou.png``: grouped bars of every class's IoU for CAM
+and pseudo labels (on the CAM split) and the segmentation head without and with DenseCRF (on the segmentation split),
+read from the same eval files, with the numbers it draws in ``per_class_iou.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +59,19 @@ ROWS = (
 # results key of the number of images scored, and the eval files that record it, in order of preference
 NUM_IMAGES = {"cam": ("cams_{split}.json", "cams_aux_{split}.json", "pseudo_labels_{split}.json"),
               "seg": ("seg_{split}.json", "seg_crf_{split}.json")}  # fmt: skip
+# the folder of a second-stage run inside the run (docs/stage2.md), whose seg / seg_crf mIoU the report adds
+STAGE2_DIR = "stage2"
+
+
+# The per-class chart's bars, in order: (eval file, legend label, which split scores it)
+PER_CLASS_STAGES = (
+    ("cams_{split}.json", "CAM", "cam"),
+    ("pseudo_labels_{split}.json", "pseudo labels", "cam"),
+    ("seg_{split}.json", "seg head", "seg"),
+    ("seg_crf_{split}.json", "seg head + DenseCRF", "seg"),
+)
+PER_CLASS_PNG = "per_class_iou.png"
+PER_CLASS_JSON = "per_class_iou.json"  # what the chart draws: {"class_names": [...], "stages": {label: {...}}}
 
 
 def seg_split(cfg: DictConfig) -> str:
@@ -134,6 +152,11 @@ def collect(cfg: DictConfig, seconds: float | None = None) -> dict[str, Any]:
     results["cam_best_note"] = ORACLE
     results["pseudo_label_coverage"] = found["cam"]["pseudo_label_coverage"]
     results["train_iterations"], results["train_seconds"] = _training(run)
+    # a second stage trained on this run's pseudo labels (scripts/demo.sh: RUN/stage2), scored on the same split
+    stage2 = run / STAGE2_DIR
+    found2 = split_results(stage2, seg) if (stage2 / "config.yaml").is_file() else {}
+    results["stage2_run"] = str(stage2) if found2 else None
+    results["stage2_seg_miou"], results["stage2_seg_crf_miou"] = found2.get("seg_miou"), found2.get("seg_crf_miou")
     results["seconds"] = seconds
     return results
 
@@ -174,11 +197,60 @@ def markdown(results: dict[str, Any]) -> str:
         if key == "pseudo_label_labelled_miou" and results["pseudo_label_coverage"] is not None:
             coverage = f"{100 * results['pseudo_label_coverage']:.1f}%"
             lines.append(f"| pseudo-label coverage (share of pixels labelled) | {cam_split} | {coverage} |")
+    for key, label in (("stage2_seg_miou", "second stage (segmentation network on the pseudo labels)"),
+                       ("stage2_seg_crf_miou", "second stage + DenseCRF")):  # fmt: skip
+        if results.get(key) is not None:
+            lines.append(f"| {label}, {results['stage2_run']} | {seg} | {_pct(results[key])} |")
     if results["train_seconds"] is not None:
         lines.append(f"| training: {results['train_iterations']} iterations | — | {results['train_seconds']:.0f} s |")
     if results["seconds"] is not None:
         lines.append(f"| whole pipeline, wall time | — | {results['seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
+
+
+def per_class_iou(run: Path, cam_split: str, seg: str) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The per-class IoUs of the chart: (class names, legend label -> {"split", "iou" [C] (None = no pixel of the
+    class in either the ground truth or the predictions), "miou"}) for each stage of :data:`PER_CLASS_STAGES` whose
+    eval file holds per-class IoUs, in that order. Every such file must name the same classes."""
+    names: list[str] | None = None
+    stages: dict[str, dict[str, Any]] = {}
+    for stem, label, group in PER_CLASS_STAGES:
+        split = cam_split if group == "cam" else seg
+        path = run / "eval" / stem.format(split=split)
+        data = _read(path)
+        if data is None or "iou" not in data:  # not evaluated, or a file without per-class numbers: no bars
+            continue
+        iou, classes = data.get("iou"), data.get("class_names")
+        if not isinstance(iou, list) or not isinstance(classes, list) or len(iou) != len(classes):
+            raise InputError(f"{path} lacks per-class 'iou' / 'class_names' of equal length; rerun tools.evaluate")
+        if names is None:
+            names = [str(name) for name in classes]
+        elif [str(name) for name in classes] != names:
+            raise InputError(f"{path} names other classes than the other eval files of {run}; rerun tools.evaluate")
+        stages[label] = {"split": split, "iou": iou, "miou": data.get("miou")}
+    return names or [], stages
+
+
+def per_class_figure(results: dict[str, Any]):
+    """The grouped bar chart of :func:`per_class_iou` for the run of ``results`` (a matplotlib ``Figure``), or None
+    when no stage was evaluated. Legend entries carry each stage's split and mIoU; the title the run, both splits
+    with their image counts and the weights."""
+    from utils.visualize import grouped_bar_figure  # matplotlib: loaded only when a chart is drawn
+
+    run, cam_split, seg = Path(results["run"]), results["cam_split"], results["seg_split"]
+    names, stages = per_class_iou(run, cam_split, seg)
+    if not stages:
+        return None
+    series = {}
+    for label, stage in stages.items():
+        score = "" if stage["miou"] is None else f", mIoU {100 * stage['miou']:.1f}"
+        series[f"{label} ({stage['split']}{score})"] = stage["iou"]
+    used = {results["cam_checkpoint"], results["seg_checkpoint"]} - {None}
+    weights = f"eval.checkpoint={results['checkpoint']}" + (f" ({next(iter(used))})" if len(used) == 1 else "")
+    title = (f"Per-class IoU, run {run}\nCAM and pseudo labels on "
+             f"{_split_with_count(cam_split, results['cam_num_images'])}, segmentation on "
+             f"{_split_with_count(seg, results['seg_num_images'])}; weights {weights}")  # fmt: skip
+    return grouped_bar_figure(names, series, title, ylabel="IoU", ylim=(0.0, 1.0))
 
 
 def write_report(cfg: DictConfig, seconds: float | None = None) -> Path:
@@ -189,6 +261,12 @@ def write_report(cfg: DictConfig, seconds: float | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", markdown(results))
+    names, stages = per_class_iou(run, results["cam_split"], results["seg_split"])
+    if stages:  # the chart, and the numbers it draws
+        from utils.visualize import save_figure
+
+        atomic_write_json(out / PER_CLASS_JSON, {"class_names": names, "stages": stages})
+        save_figure(per_class_figure(results), out / PER_CLASS_PNG)
     plot = run / "eval" / f"cams_{results['cam_split']}_sweep.png"
     if plot.is_file():
         shutil.copy2(plot, out / plot.name)
@@ -238,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=None, help="wall time of the whole pipeline, to record")
     parser.add_argument("--print-splits", action="store_true", help="print 'CAM_SPLIT SEG_SPLIT' and exit")
+    parser.add_argument("--print-task", action="store_true",
+                        help="print the run's task (msfc | stage2: a second-stage run, no CAMs) and exit")  # fmt: skip
     parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN", help="tabulate several runs")
     parser.add_argument("--out", type=Path, default=None, help="with --compare: also write the table here")
     add_config_arguments(parser)
@@ -253,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.print_splits:
             print(*protocol_splits(cfg))
+            return 0
+        if args.print_task:
+            print(cfg.task)
             return 0
         setup_logging(cfg.run.out_dir, 0, "report.log")
         out = write_report(cfg, seconds=args.seconds)

@@ -2,6 +2,10 @@
 
 Modules log through ``logging.getLogger(__name__)``; only :func:`setup_logging` touches handlers. Other ranks log
 warnings and errors to the console (prefixed with their rank) so a failure on any rank is visible.
+
+Progress: :func:`progress_bar` is a tqdm bar on a terminal and periodic log lines (done/total, rate, ETA) elsewhere
+(nohup, SLURM, a pipe), where a bar would print nothing or a wall of carriage returns. :class:`StepClock` gives a
+training loop's seconds per step and ETA for its log lines; :func:`format_duration` writes seconds as h:mm:ss.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+from tqdm import tqdm
 
 from utils.io import atomic_write_text
 
@@ -105,10 +111,20 @@ class MetricsWriter:
                 if key not in ("step", "kind") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
-    def log_image(self, step: int, tag: str, image: np.ndarray) -> None:
-        """Write an ``[H, W, 3]`` uint8 image to TensorBoard."""
+    def log_image(self, step: int, tag: str, image: np.ndarray, panels: Iterable[str] = ()) -> None:
+        """Write an ``[H, W, 3]`` uint8 image to TensorBoard under :meth:`image_tag` ``(tag, panels)``.
+
+        ``panels`` names the image's panels left to right (e.g. image, CAM, prediction), so the tag says what each
+        panel of a strip is; without it the tag is ``tag`` itself.
+        """
         if self._tb is not None:
-            self._tb.add_image(tag, image, step, dataformats="HWC")
+            self._tb.add_image(self.image_tag(tag, panels), image, step, dataformats="HWC")
+
+    @staticmethod
+    def image_tag(tag: str, panels: Iterable[str] = ()) -> str:
+        """``"tag (a | b | c)"`` for panels a, b, c; ``tag`` without panels."""
+        names = [str(name) for name in panels]
+        return f"{tag} ({' | '.join(names)})" if names else tag
 
     def flush(self) -> None:
         if self._tb is not None:
@@ -131,3 +147,151 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, An
         if kind is None or record.get("kind") == kind:
             records.append(record)
     return records
+
+
+# --------------------------------------------------------------------------------------------- progress and pace
+
+
+def is_terminal(stream: IO[str] | None = None) -> bool:
+    """Whether ``stream`` (default: stderr, where tqdm draws) is an interactive terminal."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` as h:mm:ss (hours unbounded, e.g. ``27:03:09``); negative values count as 0."""
+    whole = max(0, round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+class StepClock:
+    """Wall-clock pace of a step loop, for its log lines: seconds per step over the last window, and the ETA.
+
+    Call :meth:`lap` at each log line. ``sec_per_it`` is the time since the previous lap (or since construction)
+    divided by the steps since then. ``eta_s`` is the steps left to ``total`` times the mean seconds per step since
+    the first lap: the first window, which holds the start-up costs (loader workers, compilation, the first CUDA
+    kernels), is left out once a later window exists, while periodic checkpoints and validations stay in, so their
+    share is in the estimate. Host clock only: nothing waits for the device.
+
+    Args:
+        start_step: the step the loop starts at (0, or the resumed step).
+        total: the step the ETA counts down to (``train.max_iters``).
+        clock: seconds, monotonic (injectable for tests).
+    """
+
+    def __init__(self, start_step: int, total: int, clock: Callable[[], float] = time.monotonic):
+        self.total = int(total)
+        self._clock = clock
+        self._last = (clock(), int(start_step))
+        self._first: tuple[float, int] | None = None
+
+    def lap(self, done: int) -> dict[str, float]:
+        """``{"sec_per_it", "eta_s"}`` after ``done`` completed steps."""
+        now = self._clock()
+        last_time, last_step = self._last
+        sec_per_it = (now - last_time) / max(1, done - last_step)
+        if self._first is None or done <= self._first[1]:
+            self._first, mean = (now, done), sec_per_it
+        else:
+            mean = (now - self._first[0]) / (done - self._first[1])
+        self._last = (now, done)
+        return {"sec_per_it": sec_per_it, "eta_s": max(0, self.total - done) * mean}
+
+
+class _NullStream:
+    """Where a logging progress bar sends tqdm's own drawing: nowhere."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+class LoggedProgress(tqdm):
+    """A tqdm bar that, instead of drawing, logs a line when it starts, every ``log_every_s`` seconds, and at the end.
+
+    Lines: ``DESC: started, total unit``; ``DESC: done/total (percent) | rate unit/s | elapsed h:mm:ss | ETA
+    h:mm:ss``; ``DESC: done, n unit in h:mm:ss (rate unit/s)``; the rate is the mean since the bar started, and a
+    postfix (``set_postfix``) is appended. Everything else (iteration, ``update``, ``with``) is tqdm's. Use
+    :func:`progress_bar`, which picks this or a plain bar.
+
+    Args:
+        log_every_s: seconds between lines (0: a line at every update).
+        logger: where lines go (default: the ``progress`` logger).
+        clock: seconds, monotonic (injectable for tests); tqdm keeps its own clock for its bookkeeping.
+    """
+
+    def __init__(self, *args: Any, log_every_s: float = 30.0, logger: logging.Logger | None = None,
+                 clock: Callable[[], float] = time.monotonic, **kwargs: Any):  # fmt: skip
+        self._log = logger or logging.getLogger("progress")
+        self._clock = clock
+        self._log_every_s = float(log_every_s)
+        self._started = self._last_line = clock()
+        self._closing = False
+        # tqdm asks display() at every item (a clock read and a comparison here), which alone decides on a line
+        kwargs.update(file=_NullStream(), disable=False, miniters=1, mininterval=0)
+        super().__init__(*args, **kwargs)
+        self._log.info("%s: started, %s %s", self._desc(), self.total if self.total is not None else "?", self.unit)
+
+    def _desc(self) -> str:
+        return self.desc or "progress"
+
+    def _rate(self) -> tuple[float, float]:
+        """(seconds since the start, mean items per second)."""
+        elapsed = max(self._clock() - self._started, 1e-9)
+        return elapsed, (self.n - self.initial) / elapsed
+
+    def _postfix(self) -> str:
+        return f" | {self.postfix}" if self.postfix else ""
+
+    def _line(self) -> str:
+        elapsed, rate = self._rate()
+        done = f"{self.n}/{self.total} ({100.0 * self.n / self.total:.1f}%)" if self.total else f"{self.n} {self.unit}"
+        parts = [f"{self._desc()}: {done}", f"{rate:.3g} {self.unit}/s", f"elapsed {format_duration(elapsed)}"]
+        if self.total and rate > 0:
+            parts.append(f"ETA {format_duration(max(0, self.total - self.n) / rate)}")
+        return " | ".join(parts) + self._postfix()
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        """Log a line when ``log_every_s`` has passed since the last one (tqdm calls this instead of drawing)."""
+        now = self._clock()
+        if self._closing or self.n <= self.initial or now - self._last_line < self._log_every_s:
+            return False
+        self._last_line = now
+        self._log.info("%s", self._line())
+        return True
+
+    def close(self) -> None:
+        """Log the final line (count, time taken, mean rate), then close as tqdm does."""
+        if not self.disable and not self._closing:
+            self._closing = True
+            elapsed, rate = self._rate()
+            self._log.info("%s: done, %d %s in %s (%.3g %s/s)%s", self._desc(), self.n, self.unit,
+                           format_duration(elapsed), rate, self.unit, self._postfix())  # fmt: skip
+        super().close()
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, log_every_s: float = 30.0,
+                 logger: logging.Logger | None = None, **kwargs: Any) -> tqdm:  # fmt: skip
+    """``tqdm(iterable, **kwargs)`` on a terminal; a :class:`LoggedProgress` (periodic log lines) elsewhere.
+
+    A drop-in for ``tqdm(...)`` in a tool's loop: on a terminal nothing changes; under nohup, SLURM or a pipe, where
+    a bar stays silent until the end (``disable=None``) or floods the log with carriage returns, it logs a line
+    every ``log_every_s`` seconds. ``disable=True`` (e.g. on ranks other than 0) disables both; ``disable=None`` is
+    taken as False. The terminal test is on ``kwargs["file"]``, default stderr. The bar follows the terminal's width
+    (``dynamic_ncols``) unless told otherwise.
+    """
+    kwargs.setdefault("dynamic_ncols", True)
+    if kwargs.get("disable") is True:
+        return tqdm(iterable, **kwargs)
+    if is_terminal(kwargs.get("file")):
+        return tqdm(iterable, **{**kwargs, "disable": False})
+    return LoggedProgress(iterable, log_every_s=log_every_s, logger=logger, **kwargs)
