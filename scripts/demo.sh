@@ -43,9 +43,7 @@ if [[ "${STAGE2:-1}" == 1 ]]; then
     NGPUS=1 ./train_run_VOC.sh --config configs/stage2/demo.yaml "data.root=${root}" \
         "stage2.labels=${out}/pseudo_labels/${split}" train.resume=auto ${args[@]+"${args[@]}"} \
         ${extra[@]+"${extra[@]}"} "run.out_dir=${stage2}"
-    scripts/launch.sh tools.infer_seg --run-dir "${stage2}" eval.crf=true ${args[@]+"${args[@]}"}
-    scripts/launch.sh tools.evaluate --run-dir "${stage2}" --source seg ${args[@]+"${args[@]}"}
-    scripts/launch.sh tools.evaluate --run-dir "${stage2}" --source seg_crf ${args[@]+"${args[@]}"}
+    ./infer_run_VOC.sh "${stage2}" ${args[@]+"${args[@]}"}  # a stage-2 run: segmentation with and without DenseCRF
     echo "second stage (CAMs and pseudo labels on ${split}, training, inference, evaluation): $((SECONDS - stage2_start)) s"
 fi
 python -m tools.report --run-dir "${out}" --seconds $((SECONDS - start)) "$@"
