@@ -120,10 +120,7 @@ class Stage2Task:
     """
 
     metrics = STAGE2_METRICS
-    # Left out of the trainer's rank check: BatchNorm's 0-dim step counters, equal on every rank by construction (each
-    # counts the steps), which utils.dist.state_fingerprint cannot hash (it views every tensor as bytes, and a 0-dim
-    # tensor has no such view). The running statistics themselves are checked.
-    local_state = ("num_batches_tracked",)
+    local_state: tuple[str, ...] = ()  # every parameter and buffer (BatchNorm statistics too) must agree across ranks
     overlay_panels = OVERLAY_PANELS
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:

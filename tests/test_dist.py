@@ -66,3 +66,19 @@ def test_a_torchrun_rank_exits_when_its_launcher_is_killed(tmp_path):
             launcher.kill()
         if rank is not None and _alive(rank):
             os.kill(rank, signal.SIGKILL)
+
+
+def test_state_fingerprint_hashes_zero_dim_buffers_and_sees_their_changes() -> None:
+    import torch
+
+    from utils.dist import state_fingerprint
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)  # num_batches_tracked is a 0-dim int64 buffer
+    before = state_fingerprint(bn)
+    assert before == state_fingerprint(bn)
+    bn.num_batches_tracked += 1
+    assert state_fingerprint(bn) != before
+    assert state_fingerprint(bn, skip=("num_batches_tracked",)) == state_fingerprint(
+        torch.nn.BatchNorm2d(3), skip=("num_batches_tracked",)
+    )

@@ -173,7 +173,8 @@ def state_fingerprint(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> st
         if any(part in name for part in skip):
             continue
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # flattened first: a 0-dim tensor (BatchNorm's num_batches_tracked) has no byte view of its own
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
