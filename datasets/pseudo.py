@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.base import _map_with_progress, pair_problems, scan_ids
-from datasets.transforms import _place, to_chw_tensor
+from datasets.transforms import apply_geometry, draw_geometry, to_chw_tensor
 from utils import dist
 from utils.errors import InputError
 from utils.io import probe_image, read_image, read_label_png
@@ -51,51 +50,6 @@ SoftReader = Callable[[Path], tuple[np.ndarray, np.ndarray]]
 # ----------------------------------------------------------------------------------------------------------------------
 # The joint crop
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CropGeometry:
-    """One draw of the training crop: the rescaled size, the flip, and per axis ``(src start, dst start, extent)``."""
-
-    size: tuple[int, int]
-    flip: bool
-    rows: tuple[int, int, int]
-    cols: tuple[int, int, int]
-
-    @property
-    def img_box(self) -> np.ndarray:
-        """int64 ``[4]`` = (y0, y1, x0, x1), end-exclusive: where the image lies in the crop."""
-        (_, y0, ny), (_, x0, nx) = self.rows, self.cols
-        return np.array([y0, y0 + ny, x0, x0 + nx], dtype=np.int64)
-
-
-def draw_geometry(
-    size_hw: tuple[int, int], rng: np.random.Generator, crop_size: int, scale_range: Sequence[float], flip_p: float
-) -> CropGeometry:
-    """The random draws of ``datasets.transforms.scale_flip_crop`` for an image of ``size_hw``, in its order
-    (rescale factor, flip, row placement, column placement), so both crop the same window from the same seed."""
-    factor = float(rng.uniform(scale_range[0], scale_range[1]))
-    size = (max(1, round(size_hw[0] * factor)), max(1, round(size_hw[1] * factor)))
-    flip = bool(rng.random() < flip_p)
-    rows = _place(size[0], crop_size, rng)
-    return CropGeometry(size, flip, rows, _place(size[1], crop_size, rng))
-
-
-def apply_geometry(
-    array: np.ndarray, geometry: CropGeometry, crop_size: int, interpolation: int, fill: float
-) -> np.ndarray:
-    """Crop ``[H, W]`` or ``[H, W, K]`` ``array`` as ``geometry`` says: resized with ``interpolation`` (cv2), flipped,
-    placed in a ``crop_size`` square filled with ``fill``."""
-    height, width = geometry.size
-    resized = array if array.shape[:2] == (height, width) else cv2.resize(array, (width, height),
-                                                                            interpolation=interpolation)  # fmt: skip
-    resized = resized.reshape(height, width, *array.shape[2:])  # cv2 drops a single trailing channel
-    if geometry.flip:
-        resized = resized[:, ::-1]
-    (sy, dy, ny), (sx, dx, nx) = geometry.rows, geometry.cols
-    out = np.full((crop_size, crop_size, *array.shape[2:]), fill, dtype=array.dtype)
-    out[dy : dy + ny, dx : dx + nx] = resized[sy : sy + ny, sx : sx + nx]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

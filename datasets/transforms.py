@@ -8,6 +8,7 @@ Everything here works on ``[H, W, 3]`` uint8 numpy images and draws its randomne
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -43,6 +44,52 @@ def _place(length: int, crop: int, rng: np.random.Generator) -> tuple[int, int, 
     return 0, int(rng.integers(0, crop - length + 1)), length
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """One draw of the training crop: the rescaled size, the flip, and per axis ``(src start, dst start, extent)``."""
+
+    size: tuple[int, int]
+    flip: bool
+    rows: tuple[int, int, int]
+    cols: tuple[int, int, int]
+
+    @property
+    def img_box(self) -> np.ndarray:
+        """int64 ``[4]`` = (y0, y1, x0, x1), end-exclusive: where the image lies in the crop."""
+        (_, y0, ny), (_, x0, nx) = self.rows, self.cols
+        return np.array([y0, y0 + ny, x0, x0 + nx], dtype=np.int64)
+
+
+def draw_geometry(
+    size_hw: tuple[int, int], rng: np.random.Generator, crop_size: int, scale_range: Sequence[float], flip_p: float
+) -> CropGeometry:
+    """The random draws of the training crop for an image of ``size_hw``, in their order (rescale factor, flip, row
+    placement, column placement): :func:`scale_flip_crop` and the stage-2 joint image + label crop
+    (``datasets/pseudo.py``) apply one draw to every array of a sample."""
+    factor = float(rng.uniform(scale_range[0], scale_range[1]))
+    size = (max(1, round(size_hw[0] * factor)), max(1, round(size_hw[1] * factor)))
+    flip = bool(rng.random() < flip_p)
+    rows = _place(size[0], crop_size, rng)
+    return CropGeometry(size, flip, rows, _place(size[1], crop_size, rng))
+
+
+def apply_geometry(
+    array: np.ndarray, geometry: CropGeometry, crop_size: int, interpolation: int, fill: float
+) -> np.ndarray:
+    """Crop ``[H, W]`` or ``[H, W, K]`` ``array`` as ``geometry`` says: resized with ``interpolation`` (cv2), flipped,
+    placed in a ``crop_size`` square filled with ``fill``."""
+    height, width = geometry.size
+    resized = array if array.shape[:2] == (height, width) else cv2.resize(array, (width, height),
+                                                                            interpolation=interpolation)  # fmt: skip
+    resized = resized.reshape(height, width, *array.shape[2:])  # cv2 drops a single trailing channel
+    if geometry.flip:
+        resized = resized[:, ::-1]
+    (sy, dy, ny), (sx, dx, nx) = geometry.rows, geometry.cols
+    out = np.full((crop_size, crop_size, *array.shape[2:]), fill, dtype=array.dtype)
+    out[dy : dy + ny, dx : dx + nx] = resized[sy : sy + ny, sx : sx + nx]
+    return out
+
+
 def scale_flip_crop(
     image: np.ndarray,
     rng: np.random.Generator,
@@ -64,17 +111,9 @@ def scale_flip_crop(
         end-exclusive, the non-padded area in crop pixels.
     """
     _check_image(image)
-    height, width = image.shape[:2]
-    factor = float(rng.uniform(scale_range[0], scale_range[1]))
-    image = resize_image(image, (max(1, round(height * factor)), max(1, round(width * factor))))
-    if rng.random() < flip_p:
-        image = image[:, ::-1]
-    src_y, dst_y, ext_y = _place(image.shape[0], crop_size, rng)
-    src_x, dst_x, ext_x = _place(image.shape[1], crop_size, rng)
-    crop = np.zeros((crop_size, crop_size, 3), dtype=np.uint8)
-    crop[dst_y : dst_y + ext_y, dst_x : dst_x + ext_x] = image[src_y : src_y + ext_y, src_x : src_x + ext_x]
-    img_box = np.array([dst_y, dst_y + ext_y, dst_x, dst_x + ext_x], dtype=np.int64)
-    return crop, img_box
+    geometry = draw_geometry(image.shape[:2], rng, crop_size, scale_range, flip_p)
+    # INTER_LINEAR is bilinear; for strong downscales INTER_AREA would alias less, but SPEC §3 asks for bilinear.
+    return apply_geometry(image, geometry, crop_size, cv2.INTER_LINEAR, 0), geometry.img_box
 
 
 def resized_crop_window(

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from core.pseudo_labels import soft_label
-from datasets.pseudo import TARGETS, PseudoLabelDataset, apply_geometry, draw_geometry
-from datasets.transforms import scale_flip_crop
+from datasets.pseudo import TARGETS, PseudoLabelDataset
+from datasets.transforms import apply_geometry, draw_geometry, scale_flip_crop
 from engine.stage2 import read_soft_compact
 from losses import HardCrossEntropy, SoftCrossEntropy
 from models import build_model
