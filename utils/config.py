@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import fnmatch
+import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from utils.errors import UserError
 from utils.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
@@ -95,6 +98,28 @@ def _check_types(key: str, default: Any, value: Any, source: str) -> None:
         raise ConfigError(
             f"config key '{key}' from {source} expects {article} {want} (default {default!r}), got {value!r}"
         )
+
+
+# Booleans that pseudo.refine replaced, in its order; a config that still has them (a run saved before) is read as
+# the list they mean.
+RETIRED_REFINERS = ("par", "crf")
+
+
+def _retire_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with ``pseudo.par`` / ``pseudo.crf`` rewritten as the ``pseudo.refine`` list they mean."""
+    pseudo = data.get("pseudo")
+    if not isinstance(pseudo, dict) or not any(name in pseudo for name in RETIRED_REFINERS):
+        return data
+    pseudo = dict(pseudo)
+    flags = {name: pseudo.pop(name) for name in RETIRED_REFINERS if name in pseudo}
+    if "refine" in pseudo:
+        raise ConfigError(f"{source} sets pseudo.refine and the retired {', '.join(f'pseudo.{k}' for k in flags)}: "
+                          "keep pseudo.refine only")  # fmt: skip
+    pseudo["refine"] = [name for name in RETIRED_REFINERS if flags.get(name) is True]
+    if pseudo["refine"]:
+        logger.warning("%s: pseudo.par / pseudo.crf are retired; read as pseudo.refine=[%s]", source,
+                       ", ".join(pseudo["refine"]))  # fmt: skip
+    return {**data, "pseudo": pseudo}
 
 
 def _validate(node: Any, schema: dict[str, Any], source: str) -> None:
@@ -261,7 +286,30 @@ RULES: dict[str, Rule] = {
     "pseudo.cam_key": _choices("cam", "cam_aux"),
     "pseudo.bkg_thre": UNIT,
     "pseudo.soft_dtype": _choices("uint8", "float16"),
-    "task": _choices("msfc", "stage2"),
+    "pseudo.refine": Rule(
+        "an ordered subset of [rw, par, crf] (in that order), e.g. [rw] or [par, crf]",
+        lambda v: isinstance(v, (list, tuple)) and _ordered_refiners(v),
+    ),
+    "pseudo.folder": _text("a folder name in the run"),
+    "train.optimizer": _choices("adamw", "sgd"),
+    "train.momentum": _between(0.0, 1.0, "a number in [0, 1]"),
+    "task": _choices("msfc", "stage2", "irn"),
+    "irn.relations": _text("a folder path"),
+    "irn.*_thre": UNIT,
+    "irn.crf_gt_prob": Rule("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1),
+    "irn.crf_iters": POSITIVE_INT,
+    "irn.crf_*_sxy": POSITIVE,
+    "irn.crf_bilateral_srgb": POSITIVE,
+    "irn.crf_*_compat": NON_NEGATIVE,
+    "irn.backbone": _text("a timm ResNet name such as resnet50.tv_in1k"),
+    "irn.branch_channels": POSITIVE_INT,
+    "irn.radius": _int_from(2, "an integer >= 2"),
+    "rw.checkpoint": _text("an IRN run folder or checkpoint file"),
+    "rw.radius": _int_from(2, "an integer >= 2"),
+    "rw.beta": POSITIVE,
+    "rw.exp_times": COUNT,
+    "rw.bkg_thre": UNIT,
+    "rw.mode": _choices("sparse", "dense"),
     "stage2.labels": _text("a folder path"),
     "stage2.target": _choices("hard", "soft"),
     "stage2.arch": Rule("an architecture name such as DeepLabV2 or DeepLabV3Plus", lambda v: str(v).isidentifier()),
@@ -273,6 +321,18 @@ RULES: dict[str, Rule] = {
 # Pairs (low key, high key) whose values must be ordered.
 ORDERED = (("cam.low_thre", "cam.high_thre"), ("eval.sweep_start", "eval.sweep_stop"))
 _PATCH_IN_NAME = re.compile(r"patch(\d+)")
+
+
+# pseudo.refine: the refiners of tools/make_pseudo_labels.py, in the one order they compose (rw walks CAM scores;
+# PAR and DenseCRF refine probabilities, PAR first).
+REFINERS = ("rw", "par", "crf")
+
+
+def _ordered_refiners(names: Sequence[Any]) -> bool:
+    """Whether ``names`` are distinct :data:`REFINERS` in their order (a subsequence of it)."""
+    if not all(isinstance(n, str) and n in REFINERS for n in names) or len(set(names)) != len(names):
+        return False
+    return list(names) == sorted(names, key=REFINERS.index)
 
 
 def rule_for(key: str) -> Rule | None:
@@ -384,8 +444,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
                 f"train.resume_allow_changes names {entry!r}, which is not a config key or section"
                 f"{_suggest(entry, sorted(schema))}"
             )
-    if flat.get("task") != "stage2":  # stage 2's crop rule (the network's output stride) is checked where it is built
-        check_crop_sizes(cfg)
+    if flat.get("task", "msfc") == "msfc":  # the crop rule of the ViT's patches; stage 2 checks its own where it is
+        check_crop_sizes(cfg)  # built, the IRN ResNet takes any size
 
 
 # Keys a resumed training run may change freely. None changes what a training step computes from the checkpoint's
@@ -609,6 +669,7 @@ def load_config(paths: ConfigPaths = None, overrides: Sequence[str] = (), requir
     layers = [(str(path), data) for path, data in config_files(paths)]
     layers.append(("the command line", _parse_overrides(overrides)))
     for source, data in layers:
+        data = _retire_keys(data, source)
         _validate(data, schema, source)
         cfg = OmegaConf.merge(cfg, data)
     if require:
@@ -636,40 +697,47 @@ def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
     return target
 
 
-def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """Reload a run's saved config, with optional overrides (e.g. another data.root on another machine)."""
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = (), extra: Sequence[str | Path] = ()) -> DictConfig:
+    """Reload a run's saved config, with optional ``extra`` files layered over it and overrides (e.g. another
+    data.root on another machine)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder: {path} not found (train first or pass --config)")
-    return load_config(path, overrides)
+    return load_config([path, *extra], overrides)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The shared command line: ``--config FILE`` (repeatable) | ``--run-dir RUN_DIR``, then ``key=value`` overrides.
 
     ``args.config`` is the list of files in the order given (None without ``--config``); :func:`load_config` layers
-    them, later wins.
+    them, later wins. With ``--run-dir`` they are layered over the run's saved config.
     """
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
+    parser.add_argument(
         "--config",
         type=Path,
         action="append",
         help="experiment YAML merged over configs/base.yaml (with its _base_ chain); repeat it to layer files, "
         "later wins: --config a.yaml --config b.yaml = base <- a <- b",
     )
-    source.add_argument("--run-dir", dest="run", type=Path, help="a run folder; its config.yaml is reloaded")
+    parser.add_argument(
+        "--run-dir",
+        dest="run",
+        type=Path,
+        help="a run folder; its config.yaml is reloaded (a --config file is then layered over it, e.g. "
+        "configs/irn/muscle.yaml)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_iters=100")
 
 
 def config_from_args(args: argparse.Namespace) -> DictConfig:
     """Load the config named by :func:`add_config_arguments`' arguments.
 
-    With ``--run-dir`` and no explicit ``run.out_dir`` override, outputs go into that run folder.
+    With ``--run-dir`` and no explicit ``run.out_dir`` override, outputs go into that run folder; ``--config`` files
+    given with it are layered over the run's config (e.g. another random-walk setting for its pseudo labels).
     """
     if args.run is not None:
         overrides = list(args.overrides)
         if not any(o.startswith("run.out_dir=") for o in overrides):
             overrides.append(f"run.out_dir={args.run}")
-        return load_run_config(args.run, overrides)
+        return load_run_config(args.run, overrides, extra=args.config or ())
     return load_config(args.config, args.overrides)
