@@ -1,6 +1,7 @@
 """MSFC loss terms (SPEC §4), one small module each, and `combine` that weighs and sums them; the second stage's
-cross-entropies (SPEC §10, `losses/soft_ce.py`)."""
+cross-entropies (SPEC §10, `losses/soft_ce.py`); IRN's affinity loss (SPEC §9, `losses/affinity.py`)."""
 
+from losses.affinity import AffinityLoss
 from losses.classification import MultiLabelSoftMargin
 from losses.combine import TERMS, TermSchedule, active_terms, combine, term_weight
 from losses.energy import EnergyLoss
@@ -12,6 +13,7 @@ from losses.token_contrast import ClassTokenContrast, PatchTokenContrast
 
 __all__ = [
     "TERMS",
+    "AffinityLoss",
     "BalancedCrossEntropy",
     "ClassTokenContrast",
     "EnergyLoss",

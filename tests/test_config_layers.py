@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from utils.config import ConfigError, add_config_arguments, config_files, config_from_args, load_config
+from utils.config import ConfigError, add_config_arguments, config_files, config_from_args, load_config, save_config
 
 REQUIRED = ["data.root=/data/voc", "run.out_dir=/tmp/run"]
 CONFIGS = Path("configs")
@@ -73,10 +73,14 @@ def test_repeated_config_flag_layers_instead_of_replacing(tmp_path):
     assert _parse(REQUIRED).config is None
 
 
-def test_run_dir_and_config_stay_exclusive(capsys):
-    with pytest.raises(SystemExit):
-        _parse(["--config", "configs/voc.yaml", "--run-dir", "runs/x"])
-    assert "not allowed with argument" in capsys.readouterr().err
+def test_config_files_layer_over_a_run_dir(tmp_path):
+    run = tmp_path / "run"
+    save_config(load_config("configs/coco.yaml", ["data.root=/d", f"run.out_dir={run}", "rw.beta=3"]), run)
+    muscle = CONFIGS / "irn" / "muscle.yaml"
+    cfg = config_from_args(_parse(["--run-dir", str(run), "--config", str(muscle), "rw.exp_times=5"]))
+    assert cfg.data.name == "coco" and str(cfg.run.out_dir) == str(run)  # the run's config survives
+    assert (cfg.rw.beta, cfg.rw.bkg_thre, cfg.rw.exp_times) == (8, 0.35, 5)  # file over the run, overrides last
+    assert config_from_args(_parse(["--run-dir", str(run)])).rw.beta == 3
 
 
 @pytest.mark.parametrize(
