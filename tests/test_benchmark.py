@@ -228,3 +228,16 @@ def test_trees_check_out_a_revision_and_remove_it_afterwards() -> None:
         pass
     with pytest.raises(UserError, match="given twice"), benchmark.checkouts(["HEAD", "HEAD"]):
         pass
+
+
+def test_rw_stage_reports_the_walk_and_its_transition_size(tmp_path: Path) -> None:
+    out = tmp_path / "rw.json"
+    code = benchmark.main(["--config", "configs/smoke.yaml", "--what", "rw", "--image-size", "18", "24", "--iters", "1",
+                           "--json", str(out), "rw.exp_times=3"])  # fmt: skip
+    assert code == 0
+    rw = json.loads(out.read_text())["rw"]
+    assert rw["grid"] == [5, 6] and rw["nodes"] == 30 and rw["steps"] == 8
+    # radius 5 on a 5x6 grid: every node's loop, plus each valid half-plane pair twice
+    assert 30 < rw["transition_nnz"] <= 30 * (2 * 34 + 1)
+    assert rw["dense_matrix_mb"] == pytest.approx(30 * 30 * 4 / 2**20)
+    assert rw["seconds_per_image"] > 0

@@ -18,7 +18,11 @@ Stages (``--what``; default every stage with ``--config``, ``train`` with ``--pr
   On the CPU a phase's time is its range's wall time (CPU total: ops run synchronously); on CUDA the table adds
   device time (kernel time of a ``step/*`` range; CUDA-event time of a ``bench/*`` range).
 * ``cam``: multi-scale + flip CAM export of one image; ``seg``: multi-scale + flip segmentation inference; ``crf``:
-  DenseCRF of one image.
+  DenseCRF of one image; ``rw``: the random walk of one image's CAMs (``core.random_walk.propagate`` with ``rw.*``,
+  2 classes, a random boundary map: the cost does not depend on its values), with the size of its sparse transition
+  and of the dense matrix it avoids. Run ``--what rw`` alone for a peak-RSS figure of the walk alone:
+
+      python -m tools.benchmark --config configs/voc.yaml --what rw --image-size 375 500 run.num_threads=1
 
 ``--variants NAME[:key=value,key=value] ...`` times several configurations of the train stage in one process,
 interleaved (A B A B ...: a busy shared machine slows all of them alike), and reports each one's spread and, for every
@@ -55,16 +59,25 @@ from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from core import cam as camlib
+from core import random_walk
 from engine.inference import predict_seg_logits
 from models import build_model
 from tools.bench_step import setup
 from utils.config import add_config_arguments, load_config
 from utils.crf import crf_params, dense_crf
 from utils.errors import UserError, exit_on_user_error
-from utils.profiling import PhaseClock, label_times, machine_info, peak_rss_bytes, raw_events, spread
+from utils.profiling import (
+    PhaseClock,
+    current_rss_bytes,
+    label_times,
+    machine_info,
+    peak_rss_bytes,
+    raw_events,
+    spread,
+)
 from utils.syncs import SyncCounter, count_syncs
 
-STAGES = ("train", "cam", "seg", "crf")
+STAGES = ("train", "cam", "seg", "crf", "rw")
 REPO = Path(__file__).resolve().parent.parent
 VIT_B = "vit_base_patch16_224.orig_in21k_ft_in1k"
 # name -> (config files, overrides): ViT-B/16 at full size with the VOC recipe, random weights (nothing to download).
@@ -498,6 +511,29 @@ def bench_crf(cfg: DictConfig, iters: int, size: tuple[int, int]) -> dict:
     return {"images_per_second": 1 / wall, "cpu_seconds_per_image": cpu, "image": list(size), "workers": 1}
 
 
+def bench_rw(cfg: DictConfig, device: torch.device, iters: int, size: tuple[int, int]) -> dict:
+    r = cfg.rw
+    grid = random_walk.grid_size(size)
+    generator = torch.Generator().manual_seed(0)
+    boundary = torch.rand(grid, generator=generator).to(device)
+    cam = torch.rand((2, *size), generator=generator).to(device)
+    rss_before = current_rss_bytes()
+
+    def run() -> torch.Tensor:
+        return random_walk.propagate(cam, boundary, radius=int(r.radius), beta=float(r.beta),
+                                     exp_times=int(r.exp_times), mode=str(r.mode))  # fmt: skip
+
+    wall, cpu = _time(run, iters, device)
+    nodes = grid[0] * grid[1]
+    nnz = random_walk.transition_sparse_t(boundary, int(r.radius), float(r.beta)).values().numel()
+    return {
+        "seconds_per_image": wall, "cpu_seconds_per_image": cpu, "image": list(size), "grid": list(grid),
+        "nodes": nodes, "transition_nnz": nnz, "transition_mb": nnz * (4 + 8) / 2**20,
+        "dense_matrix_mb": nodes * nodes * 4 / 2**20, "rss_before_mb": rss_before / 2**20,
+        "peak_rss_mb": peak_rss_bytes() / 2**20, "mode": str(r.mode), "steps": 2 ** int(r.exp_times),
+    }  # fmt: skip
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:10.1f}"
 
@@ -668,12 +704,14 @@ def main(argv: list[str] | None = None) -> int:
                 "cam": lambda: bench_cam(cfg, device, args.iters, size),
                 "seg": lambda: bench_seg(cfg, device, args.iters, size),
                 "crf": lambda: bench_crf(cfg, args.iters, size),
+                "rw": lambda: bench_rw(cfg, device, args.iters, size),
             }
             results[stage] = runners[stage]()
             figures = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in results[stage].items())  # fmt: skip
             print(f"{stage:6s} {figures}", flush=True)
-        results.setdefault("parameters", sum(p.numel() for p in build_model(cfg).parameters()))
+        if {"train", "cam", "seg"} & set(stages):  # the stages that time the model (crf / rw do not build it)
+            results.setdefault("parameters", sum(p.numel() for p in build_model(cfg).parameters()))
         results["memory"] = {"peak_rss_bytes": peak_rss_bytes()}
         if device.type == "cuda":
             results["memory"]["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
