@@ -255,7 +255,9 @@ class Trainer:
         if bool(tc.compile):
             compile_model(self.model)
         groups = self.task.param_groups(self.model)
-        self.optimizer = build_optimizer(groups, tc.betas, float(tc.weight_decay))
+        self.optimizer = build_optimizer(
+            groups, tc.betas, float(tc.weight_decay), str(tc.optimizer), float(tc.momentum)
+        )
         use_scaler = tc.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.generator = torch.Generator().manual_seed(int(cfg.run.seed) * 7919 + self.rank)  # views, local crops

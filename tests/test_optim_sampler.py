@@ -45,3 +45,31 @@ def test_resume_continues_the_same_stream_across_epochs():
     resumed = _take(InfiniteSampler(7, rank=1, world_size=2, seed=3, start=5), 6)
     assert resumed == full[5:]
     assert _take(InfiniteSampler(7, seed=3), 7) != _take(InfiniteSampler(7, seed=4), 7)
+
+
+def test_sgd_first_step_is_the_gradient_plus_weight_decay_and_later_steps_use_momentum():
+    # first step: the momentum buffer is d = g + wd * p, so p <- p - lr * d; second: d' = 0.9 d + g' + wd * p'
+    decayed = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    plain = torch.nn.Parameter(torch.tensor([3.0]))
+    optimizer = build_optimizer(
+        [{"name": "branch", "params": [decayed], "lr": 0.1},
+         {"name": "branch_no_decay", "params": [plain], "lr": 0.1, "weight_decay": 0.0}],
+        (0.9, 0.999), 0.5, name="sgd", momentum=0.9,
+    )  # fmt: skip
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["nesterov"] is False
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [0.1, 0.1]
+    decayed.grad, plain.grad = torch.tensor([0.5, 1.0]), torch.tensor([2.0])
+    optimizer.step()
+    # [1, -2] - 0.1 * ([0.5, 1] + 0.5 * [1, -2]) = [1 - 0.1, -2 - 0.0]; 3 - 0.1 * 2
+    assert decayed.tolist() == pytest.approx([0.9, -2.0], abs=1e-7)
+    assert plain.tolist() == pytest.approx([2.8], abs=1e-7)
+    plain.grad = torch.tensor([1.0])
+    optimizer.step()
+    assert plain.tolist() == pytest.approx([2.8 - 0.1 * (0.9 * 2.0 + 1.0)], abs=1e-6)
+    assert set_lr(optimizer, 0.5) == {"branch": 0.05, "branch_no_decay": 0.05}
+
+
+def test_an_unknown_optimizer_name_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"train\.optimizer must be one of \('adamw', 'sgd'\), got 'adam'"):
+        build_optimizer([{"name": "a", "params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0}], (0.9, 0.999),
+                        0.0, name="adam")  # fmt: skip

@@ -71,7 +71,11 @@ def setup(cfg: Any, device: torch.device) -> SimpleNamespace:
     model.memory.bank.normal_()
     model.memory.initialized.fill_(True)
     tc = cfg.train
-    optimizer = build_optimizer(task.param_groups(model), tc.betas, float(tc.weight_decay))
+    # an older checkout's build_optimizer takes AdamW's arguments only: pass the optimiser only when it is not AdamW
+    choice = (
+        {} if tc.get("optimizer", "adamw") == "adamw" else {"name": str(tc.optimizer), "momentum": float(tc.momentum)}
+    )
+    optimizer = build_optimizer(task.param_groups(model), tc.betas, float(tc.weight_decay), **choice)
     index = first_full_step(cfg, tuple(TERMS))
     task.enter_phase(model, task.phase(index))
     model.train()
