@@ -147,6 +147,7 @@ class PseudoLabelDataset(Dataset):
         ignore_index: the hard labels' ignore value, also their padding.
         read_soft: reads a soft label file (required for ``soft``).
         workers: processes for the start-up check of many files.
+        key: the config key of ``labels_dir``, named in the errors (``irn.relations`` for IRN's relation labels).
 
     Raises:
         FileNotFoundError: the folder or some label files are missing (named, with their count).
@@ -168,6 +169,7 @@ class PseudoLabelDataset(Dataset):
         ignore_index: int = 255,
         read_soft: SoftReader | None = None,
         workers: int = 0,
+        key: str = "stage2.labels",
     ) -> None:
         if target not in TARGETS:
             raise InputError(f"stage2.target must be one of {TARGETS}, got {target!r}")
@@ -176,14 +178,14 @@ class PseudoLabelDataset(Dataset):
         self.ids, self.image_paths = list(ids), [Path(p) for p in image_paths]
         self.target, self.num_classes, self.ignore_index = target, int(num_classes), int(ignore_index)
         self.crop_size, self.scale_range, self.flip_p = int(crop_size), tuple(scale_range), float(flip_p)
-        self.read_soft = read_soft
+        self.read_soft, self.key = read_soft, key
         self.folder = self._label_folder(Path(labels_dir).expanduser())
         suffix = ".png" if target == "hard" else ".npz"
         present = scan_ids(self.folder, suffix)
         missing = [name for name in self.ids if name not in present]
         if missing:
             raise FileNotFoundError(
-                f"stage2.labels: {len(missing)} of the {len(self.ids)} training image(s) have no {target} pseudo label "
+                f"{self.key}: {len(missing)} of the {len(self.ids)} training image(s) have no {target} pseudo label "
                 f"{self.folder}/<id>{suffix}: {preview(missing)} (make them with tools.make_pseudo_labels on that "
                 "split, pseudo.soft=true for soft labels)"
             )
@@ -192,7 +194,7 @@ class PseudoLabelDataset(Dataset):
 
     def _label_folder(self, folder: Path) -> Path:
         if not folder.is_dir():
-            raise FileNotFoundError(f"stage2.labels: pseudo-label folder {folder} not found")
+            raise FileNotFoundError(f"{self.key}: pseudo-label folder {folder} not found")
         if self.target == "soft" and (folder / "soft").is_dir():
             return folder / "soft"
         return folder
@@ -207,7 +209,7 @@ class PseudoLabelDataset(Dataset):
                                            max((k for _, k in found), default=0)))  # fmt: skip
         problems = [p for rank_problems, _ in gathered for p in rank_problems]
         if problems:
-            raise InputError(f"stage2.labels: {len(problems)} problem(s) with the pseudo labels in {self.folder}: "
+            raise InputError(f"{self.key}: {len(problems)} problem(s) with the pseudo labels in {self.folder}: "
                              f"{preview(problems, sep='; ')}")  # fmt: skip
         return max(1, max(k for _, k in gathered))
 

@@ -1,5 +1,6 @@
 """MSFC models: timm ViT backbone, heads, memory bank and the assembled network; the second-stage segmentation network
-(`models/stage2.py`). `build_model` reads the config (``task`` picks MSFC or the stage-2 network)."""
+(`models/stage2.py`); IRN's boundary network (`models/boundary.py`). `build_model` reads the config (``task`` picks
+MSFC, the stage-2 network or the boundary network)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from models.backbone import NORM_STATS, BackboneOutput, ViTBackbone
+from models.boundary import BoundaryNet, build_boundary_model
 from models.memory import MemoryBank, fuse_similarity
 from models.msfc import MSFC, MSFCOutput
 from models.stage2 import Stage2Output, Stage2Segmenter, build_stage2_model
@@ -22,6 +24,7 @@ __all__ = [
     "MSFC",
     "NORM_STATS",
     "BackboneOutput",
+    "BoundaryNet",
     "MSFCOutput",
     "MemoryBank",
     "Stage2Output",
@@ -43,14 +46,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def build_model(cfg: Any) -> MSFC | Stage2Segmenter:
+def build_model(cfg: Any) -> MSFC | Stage2Segmenter | BoundaryNet:
     """Build `MSFC` from the config: `cfg.model.*`, `cfg.memory.*` and `cfg.data.num_classes` (configs/base.yaml);
-    with ``task: stage2`` the second-stage network of `cfg.stage2.*` instead (`models.stage2.build_stage2_model`).
+    with ``task: stage2`` the second-stage network of `cfg.stage2.*` instead (`models.stage2.build_stage2_model`),
+    with ``task: irn`` IRN's boundary network of `cfg.irn.*` (`models.boundary.build_boundary_model`).
 
-    This and `models.stage2.build_stage2_model` are the only places in `models/` that read the config.
+    This, `models.stage2.build_stage2_model` and `models.boundary` (its builder and `load_boundary_net`) are the only
+    places in `models/` that read the config.
     """
-    if str(cfg.get("task", "msfc")) == "stage2":  # a config saved before the key existed is an MSFC run
+    task = str(cfg.get("task", "msfc"))  # a config saved before the key existed is an MSFC run
+    if task == "stage2":
         return build_stage2_model(cfg)
+    if task == "irn":
+        return build_boundary_model(cfg)
     m, mem = cfg.model, cfg.memory
     kwargs = _plain(m.backbone_kwargs) or {}
     if not isinstance(kwargs, Mapping):

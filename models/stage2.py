@@ -251,12 +251,13 @@ def _build_network(
         raise InputError(f"cannot build stage2.arch={arch} with stage2.encoder={encoder}: {err}") from err
 
 
-def load_encoder_weights(module: nn.Module, path: str | Path, encoder: str) -> None:
+def load_encoder_weights(module: nn.Module, path: str | Path, encoder: str, config_key: str = "stage2.encoder") -> None:
     """Load a local weight file into an encoder, covering every one of its weights.
 
     The file is a (bare or ``model`` / ``state_dict``-wrapped) state dict of the classification network, as timm or
     torchvision write it; wrapper prefixes (``module.``) are stripped and keys the encoder does not have (the
-    classifier, a final conv head) are dropped and logged.
+    classifier, a final conv head) are dropped and logged. Errors name ``config_key`` = ``encoder`` (the key that chose
+    the encoder: ``stage2.encoder``, or ``irn.backbone`` for IRN's ResNet).
 
     Raises:
         FileNotFoundError: ``path`` does not exist (naming ``model.weights``).
@@ -264,7 +265,7 @@ def load_encoder_weights(module: nn.Module, path: str | Path, encoder: str) -> N
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"encoder weights file not found: {path} (model.weights for stage2.encoder={encoder})")
+        raise FileNotFoundError(f"encoder weights file not found: {path} (model.weights for {config_key}={encoder})")
     state = {}
     for key, value in _read_state_dict(path).items():
         for prefix in _WRAPPER_PREFIXES:
@@ -276,7 +277,7 @@ def load_encoder_weights(module: nn.Module, path: str | Path, encoder: str) -> N
                       if k in state and state[k].shape != v.shape)  # fmt: skip
     if missing or reshaped:
         raise InputError(
-            f"encoder weights {path} do not fit stage2.encoder={encoder}: {len(missing)} of its {len(own)} weights "
+            f"encoder weights {path} do not fit {config_key}={encoder}: {len(missing)} of its {len(own)} weights "
             f"missing [{preview(missing)}]; shape mismatches (file vs encoder) {len(reshaped)} [{preview(reshaped)}]"
         )
     extra = sorted(set(state) - set(own))

@@ -207,7 +207,7 @@ def test_config_mistakes_are_one_line_naming_the_key(voc_root, labels, tmp_path,
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("task=stage3", "task must be one of ('msfc', 'stage2'), got 'stage3'"),
+        ("task=stage3", "task must be one of ('msfc', 'stage2', 'irn'), got 'stage3'"),
         ("stage2.target=both", "stage2.target must be one of ('hard', 'soft'), got 'both'"),
         ("stage2.output_stride=4", "stage2.output_stride must be one of 8, 16, 32, got 4"),
         ("stage2.aspp_rates=[0]", "stage2.aspp_rates must be a non-empty list of positive integers, got [0]"),

@@ -1,14 +1,18 @@
-"""Train MSFC (SPEC §3–§6), or a second-stage segmentation network on pseudo labels (SPEC §10, ``task: stage2``).
-One script for every dataset and stage; VOC and COCO, stage 1 and stage 2 differ only by config.
+"""Train MSFC (SPEC §3–§6), or a second-stage segmentation network on pseudo labels (SPEC §10, ``task: stage2``), or
+IRN's boundary network on relation labels (SPEC §9, ``task: irn``). One script for every dataset and stage; VOC and
+COCO, stage 1, stage 2 and IRN differ only by config.
 
 Single process:  python -m tools.train --config configs/voc.yaml data.root=... run.out_dir=runs/voc
 Several GPUs:    torchrun --nproc_per_node=4 -m tools.train --config configs/voc.yaml ...   (see train_run_VOC.sh)
 Resume:          the same command with train.resume=auto (or train.resume=PATH)
 Second stage:    python -m tools.train --config configs/voc.yaml --config configs/stage2/voc_deeplabv2.yaml \
                      stage2.labels=RUN1/pseudo_labels/train_aug data.root=... run.out_dir=runs/voc_stage2
+IRN boundary:    python -m tools.train --config configs/voc.yaml --config configs/irn/voc.yaml \
+                     irn.relations=RUN1/relations/train_aug data.root=... run.out_dir=RUN1/irn
 
 The loop is ``engine.trainer.Trainer`` (run folder, DDP, checkpoints, resume: docs/reliability.md); the method is
-the ``task`` key's: ``engine.task.MSFCTask`` (msfc) or ``engine.stage2.Stage2Task`` (stage2, docs/stage2.md).
+the ``task`` key's: ``engine.task.MSFCTask`` (msfc), ``engine.stage2.Stage2Task`` (stage2, docs/stage2.md) or
+``engine.boundary.BoundaryTask`` (irn).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import logging
 import sys
 
+from engine.boundary import BoundaryTask
 from engine.stage2 import Stage2Task
 from engine.task import MSFCTask
 from engine.trainer import Trainer, TrainingDiverged
@@ -28,7 +33,7 @@ from utils.errors import exit_on_user_error
 logger = logging.getLogger("tools.train")
 
 # config key `task` -> the Task the trainer trains
-TASKS = {"msfc": MSFCTask, "stage2": Stage2Task}
+TASKS = {"msfc": MSFCTask, "stage2": Stage2Task, "irn": BoundaryTask}
 
 
 def _train(argv: list[str] | None) -> int:
