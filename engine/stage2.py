@@ -30,7 +30,6 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from core.pseudo_labels import load_soft_label
 from datasets import build_dataset, collate_eval
@@ -43,6 +42,7 @@ from utils import dist
 from utils.checkpoint import unwrap
 from utils.config import ConfigError
 from utils.errors import InputError
+from utils.logging import progress_bar
 from utils.metrics import ConfusionMatrix
 from utils.visualize import overlay, side_by_side
 
@@ -98,7 +98,7 @@ def validate_segmentation(
     loader = DataLoader(Subset(dataset, dist.shard(range(len(dataset)))), batch_size=1,
                         num_workers=int(cfg.data.num_workers), collate_fn=collate_eval)  # fmt: skip
     ev, overlays = cfg.eval, []
-    for item in tqdm(loader, desc="validate", disable=not dist.is_main_process(), leave=False, dynamic_ncols=True):
+    for item in progress_bar(loader, desc="validate", disable=not dist.is_main_process(), leave=False):
         image = item["img"][0].to(device)[None]
         logits = predict_seg_logits(bare, image, tuple(ev.scales), bool(ev.flip), str(ev.flip_fusion),
                                     str(ev.scale_fusion), ev.resize, resize_mode=str(ev.resize_mode))  # fmt: skip

@@ -7,7 +7,6 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from core import cam as camlib
 from core.labels import cam_label
@@ -15,6 +14,7 @@ from datasets import collate_eval
 from engine.inference import predict_seg_logits
 from utils import dist
 from utils.checkpoint import unwrap
+from utils.logging import progress_bar
 from utils.metrics import ConfusionMatrix
 from utils.visualize import cam_heatmap, overlay, side_by_side
 
@@ -45,7 +45,7 @@ def validate(
                         collate_fn=collate_eval)  # fmt: skip
     overlays: list[np.ndarray] = []
     ev = cfg.eval
-    for item in tqdm(loader, desc="validate", disable=not dist.is_main_process(), leave=False, dynamic_ncols=True):
+    for item in progress_bar(loader, desc="validate", disable=not dist.is_main_process(), leave=False):
         image = item["img"][0].to(device)[None]  # [1, 3, H, W] uint8
         gt = item["mask"][0].numpy()
         present = torch.nonzero(item["label"][0]).flatten()

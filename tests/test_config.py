@@ -337,3 +337,20 @@ def test_config_changes_lists_every_differing_leaf():
                        "train.lr": (1e-4, 1e-3)}  # fmt: skip
     assert format_changes(changes) == ("model.backbone_kwargs.drop_path_rate: (absent) -> 0.1; old: 1 -> (absent); "
                                        "train.lr: 0.0001 -> 0.001")  # fmt: skip
+
+
+def test_a_saved_run_config_with_the_retired_pseudo_booleans_reads_as_pseudo_refine(tmp_path):
+    """A run saved before pseudo.refine holds pseudo.par / pseudo.crf: it loads, meaning the list they set."""
+    cfg = load_config("configs/voc.yaml", REQUIRED)
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["pseudo"]["refine"], saved["pseudo"]["folder"]  # keys the old file did not have
+    saved["pseudo"].update(par=True, crf=False)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    again = load_run_config(tmp_path)
+    assert list(again.pseudo.refine) == ["par"] and "par" not in again.pseudo and "crf" not in again.pseudo
+    assert again.pseudo.folder is None
+    both = load_run_config(tmp_path, ["pseudo.refine=[par, crf]"])  # the command line still sets the list
+    assert list(both.pseudo.refine) == ["par", "crf"]
+    saved["pseudo"].update(par=False, crf=True)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    assert list(load_run_config(tmp_path).pseudo.refine) == ["crf"]

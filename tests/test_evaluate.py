@@ -117,6 +117,20 @@ def test_pseudo_labels_count_unlabelled_as_background_and_report_labelled_miou_a
     assert result["labelled"]["num_pixels"] == 12
 
 
+def test_random_walk_pseudo_labels_score_like_pseudo_labels_in_their_own_file(run, capsys):
+    _write_pngs(run, "pseudo_labels_rw", PSEUDO)
+    result = _evaluate(run, "--source", "pseudo_labels_rw")  # reads eval/pseudo_labels_rw_val.json
+    assert result["source"] == "pseudo_labels_rw" and result["num_images"] == 2
+    assert result["miou"] == pytest.approx(PSEUDO_MIOU)
+    assert result["labelled_miou"] == pytest.approx(PSEUDO_LABELLED_MIOU)
+    assert result["coverage"] == pytest.approx(PSEUDO_COVERAGE)
+    assert not (run / "eval" / "pseudo_labels_val.json").exists()
+    (run / "pseudo_labels_rw" / "val" / "b.png").unlink()
+    message = _user_error(capsys, run, "--source", "pseudo_labels_rw", "eval.split=val")
+    assert f"python -m tools.make_pseudo_labels --run-dir {run} pseudo.refine=[rw] rw.checkpoint=IRN_RUN " \
+        "eval.split=val" in message  # fmt: skip
+
+
 def _user_error(capsys: pytest.CaptureFixture, run: Path, *args: str) -> str:
     """``tools.evaluate`` must fail as a user error (:func:`tests.user_errors.user_error_line`)."""
     return user_error_line(ev.main, ["--run-dir", str(run), *args], capsys)

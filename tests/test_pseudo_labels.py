@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -18,9 +20,11 @@ from core.pseudo_labels import (
     hard_label,
     load_soft_label,
     pseudo_label,
+    score_stacks,
     soft_label,
     stack_probabilities,
 )
+from core.random_walk import grid_size, propagate
 from datasets import build_dataset
 from models.par import PAR
 from tests.user_errors import user_error_line
@@ -269,7 +273,7 @@ def test_tool_single_threshold_reproduces_the_known_labels(cam_run) -> None:
 def test_tool_dual_par_soft_matches_the_pure_functions_and_resumes(cam_run, capsys) -> None:
     run, masks = cam_run
     shutil.rmtree(_outputs(run), ignore_errors=True)
-    args = ["--run-dir", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=true", "pseudo.soft=true"]
+    args = ["--run-dir", str(run), "pseudo.cam_key=cam_aux", "pseudo.refine=[par]", "pseudo.soft=true"]
     summary = make_pseudo_labels.make_pseudo_labels(config_from_args(_parse(args)))
     assert summary["processed"] == len(masks) and summary["skipped"] == 0
     cfg = load_config(run / "config.yaml")
@@ -295,14 +299,14 @@ def test_tool_dual_par_soft_matches_the_pure_functions_and_resumes(cam_run, caps
     assert {p: p.stat().st_mtime_ns for p in _outputs(run).rglob("*.*")} == mtimes
     # the same folder with other settings is refused, not silently mixed
     assert "soft_dtype: 'uint8' -> 'float16'" in _user_error(capsys, [*args, "pseudo.soft_dtype=float16"])
-    refused = _user_error(capsys, ["--run-dir", str(run), "pseudo.cam_key=cam_aux", "pseudo.par=false"])
-    assert "par: True -> False" in refused
+    refused = _user_error(capsys, ["--run-dir", str(run), "pseudo.cam_key=cam_aux", "pseudo.refine=[]"])
+    assert "refine: ['par'] -> []" in refused
 
 
 def test_tool_crf_path_matches_the_pure_function(cam_run) -> None:
     run, _ = cam_run
     shutil.rmtree(_outputs(run), ignore_errors=True)
-    args = ["--run-dir", str(run), "pseudo.dual=false", "pseudo.crf=true", "eval.crf_workers=0", "crf.iters=2"]
+    args = ["--run-dir", str(run), "pseudo.dual=false", "pseudo.refine=[crf]", "eval.crf_workers=0", "crf.iters=2"]
     assert make_pseudo_labels.main(args) == 0
     cfg = load_config(run / "config.yaml", ["crf.iters=2"])
     params = dict(cfg.crf)
@@ -333,7 +337,7 @@ def test_crf_stream_keeps_order_with_items_that_send_no_job(cam_run) -> None:
     # Items with K = 0 send no CRF job; with dual + soft every other item sends 3. Whatever the pool's look-ahead,
     # the stream must yield every item once, in input order, with its own refined stacks.
     run, _ = cam_run
-    cfg = load_config(run / "config.yaml", ["pseudo.crf=true", "pseudo.soft=true", "crf.iters=1"])
+    cfg = load_config(run / "config.yaml", ["pseudo.refine=[crf]", "pseudo.soft=true", "crf.iters=1"])
     opts = make_pseudo_labels.Options.from_config(cfg)
     pipeline = make_pseudo_labels.Pipeline(cfg, opts, torch.device("cpu"))
     empty = make_pseudo_labels.Prepared(-1, "empty", np.zeros(0, np.int64), torch.ones(0, 4, 4), None, None)
@@ -419,6 +423,202 @@ def test_two_shards_need_only_their_own_cams_and_write_disjoint_halves(cam_run, 
     assert sorted(p.name for p in merged.glob("*.png")) == sorted(p.name for p in single.glob("*.png"))
     for path in single.glob("*.png"):
         np.testing.assert_array_equal(read_label_png(merged / path.name), read_label_png(path))
+
+
+def test_settings_recorded_before_pseudo_refine_resume_as_the_list_they_mean(cam_run, capsys) -> None:
+    """A folder whose settings.json the tool wrote before pseudo.refine (booleans par / crf) resumes as refine=[]."""
+    run, masks = cam_run
+    shutil.rmtree(_outputs(run), ignore_errors=True)
+    assert make_pseudo_labels.main(["--run-dir", str(run), "pseudo.dual=false"]) == 0
+    path = _outputs(run) / "settings.json"
+    recorded = json.loads(path.read_text())
+    assert recorded["refine"] == []
+    old = {k: v for k, v in recorded.items() if k != "refine"} | {"par": False, "crf": False}  # the old tool's record
+    path.write_text(json.dumps(old))
+    args = ["--run-dir", str(run), "pseudo.dual=false"]
+    again = make_pseudo_labels.make_pseudo_labels(config_from_args(_parse(args)))
+    assert (again["processed"], again["skipped"]) == (0, len(masks))
+    assert json.loads(path.read_text()) == recorded  # rewritten as the current record
+    path.write_text(json.dumps(old | {"par": True}))  # made with PAR: not what refine=[] makes
+    assert "refine: ['par'] -> []" in _user_error(capsys, args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The random walk (pseudo.refine=[rw]) with a stand-in boundary network
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _wall(image_hw: tuple[int, int]) -> torch.Tensor:
+    """Stride-4 boundary map of an image: 1 on the middle grid column (a vertical wall), 0 elsewhere; [h, w]."""
+    boundary = torch.zeros(grid_size(image_hw))
+    boundary[:, boundary.shape[1] // 2] = 1.0
+    return boundary
+
+
+class WallNet(torch.nn.Module):
+    """Stands in for models.boundary.BoundaryNet: ``boundary(images [B, 3, H, W], flip) -> [B, h, w]`` is
+    :func:`_wall` for every image; records what it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.dtype, tuple[int, ...], bool]] = []
+
+    def boundary(self, images: torch.Tensor, flip: bool = True) -> torch.Tensor:
+        self.calls.append((images.dtype, tuple(images.shape), flip))
+        return _wall(tuple(images.shape[-2:]))[None].expand(images.shape[0], -1, -1)
+
+
+@pytest.fixture
+def rw_run(cam_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """(run, masks, IRN folder, the stand-in network, loads): ``cam_run``'s config with CAMs that are 0 right of the
+    wall (4 · the wall's grid column onwards), an IRN run folder holding a checkpoint file, and
+    ``load_boundary_net`` replaced by one returning :class:`WallNet` (``loads`` lists the sources it was given)."""
+    source, masks = cam_run
+    run = _copy_config(source, tmp_path / "run")
+    for name in masks:
+        cams = read_cams(source / "cams" / "val" / f"{name}.npz")
+        wall_x = 4 * (grid_size(cams.cam.shape[-2:])[1] // 2)
+        cam = cams.cam.copy()
+        cam[:, :, wall_x:] = 0.0
+        save_npz(run / "cams" / "val" / f"{name}.npz", {"classes": cams.classes.astype(np.int16),
+                                                        "cam": cam.astype(np.float16),
+                                                        "cam_aux": cams.cam_aux.astype(np.float16)})  # fmt: skip
+    irn = tmp_path / "irn"
+    (irn / "checkpoints").mkdir(parents=True)
+    (irn / "checkpoints" / "last.pth").write_bytes(b"boundary network v1")
+    net, loads = WallNet(), []
+
+    def load(source_arg, device):
+        loads.append(str(source_arg))
+        return net
+
+    monkeypatch.setattr(make_pseudo_labels, "load_boundary_net", load)
+    return run, masks, irn, net, loads
+
+
+def _walked(run: Path, name: str, **walk) -> tuple[np.ndarray, torch.Tensor]:
+    """(classes, the walked scores [K, H, W] on the wall) of one CAM file, computed directly."""
+    cams = read_cams(run / "cams" / "val" / f"{name}.npz")
+    cam = torch.from_numpy(cams.cam)
+    return cams.classes, propagate(cam, _wall(tuple(cam.shape[-2:])), **walk)
+
+
+def test_rw_labels_are_the_walked_scores_labelled_directly_and_do_not_cross_the_wall(rw_run) -> None:
+    run, masks, irn, net, loads = rw_run
+    cfg = load_config(run / "config.yaml")
+    assert cfg.pseudo.dual  # dual is on, and does not apply to the walked scores
+    walk = {"radius": int(cfg.rw.radius), "beta": float(cfg.rw.beta), "exp_times": int(cfg.rw.exp_times)}
+    args = ["--run-dir", str(run), "pseudo.refine=[rw]", f"rw.checkpoint={irn}", "rw.flip=false", "pseudo.soft=true"]
+    summary = make_pseudo_labels.make_pseudo_labels(config_from_args(_parse(args)))
+    folder = run / "pseudo_labels_rw" / "val"
+    assert summary["folder"] == str(folder) and summary["refine"] == ["rw"] and summary["processed"] == len(masks)
+    assert not (run / "pseudo_labels").exists()
+    assert loads == [str(irn)]  # loaded once for the whole split
+    assert net.calls and all(dtype == torch.uint8 and shape[:2] == (1, 3) and flip is False
+                             for dtype, shape, flip in net.calls)  # fmt: skip
+    crossed = wall_foreground = 0
+    for name in masks:
+        classes, walked = _walked(run, name, **walk)
+        label = read_label_png(folder / f"{name}.png")
+        np.testing.assert_array_equal(label, hard_label(walked, classes, (float(cfg.rw.bkg_thre),), False))
+        wall_x = 4 * (grid_size(label.shape)[1] // 2)
+        assert (label[:, wall_x + 4 :] == 0).all()  # nothing right of the wall: it received no score
+        wall_foreground += int((label[:, :wall_x] > 0).sum())
+        # without the wall the same walk does carry the scores across
+        free = propagate(torch.from_numpy(read_cams(run / "cams" / "val" / f"{name}.npz").cam),
+                         torch.zeros(grid_size(label.shape)), **walk)  # fmt: skip
+        crossed += int((hard_label(free, classes, (float(cfg.rw.bkg_thre),), False)[:, wall_x + 4 :] > 0).sum())
+        soft = load_npz(folder / "soft" / f"{name}.npz")  # the single-threshold stack of the walked scores
+        expected = score_stacks(walked, (float(cfg.rw.bkg_thre),))[0].softmax(dim=0).numpy()
+        np.testing.assert_allclose(soft["prob"] / 255.0, expected, atol=1 / 510 + 1e-6)
+    assert wall_foreground > 0 and crossed > 0
+    log = (run / "make_pseudo_labels.log").read_text()
+    assert "pseudo.dual=true does not apply to the random walk's scores" in log and "refine rw" in log
+    recorded = json.loads((folder / "settings.json").read_text())
+    assert recorded["refine"] == ["rw"] and recorded["dual"] is False and recorded["bkg_thre"] == cfg.rw.bkg_thre
+    assert recorded["rw_params"] == {**walk, "bkg_thre": cfg.rw.bkg_thre, "flip": False, "mode": "sparse"}
+    digest = hashlib.sha256(b"boundary network v1").hexdigest()
+    assert recorded["rw_checkpoint"] == {"sha256": digest, "bytes": len(b"boundary network v1")}
+
+
+def test_rw_resume_needs_the_same_walk_and_network(rw_run, tmp_path: Path, capsys) -> None:
+    run, masks, irn, _, _ = rw_run
+    args = ["--run-dir", str(run), "pseudo.refine=[rw]", f"rw.checkpoint={irn}"]
+    assert make_pseudo_labels.main(args) == 0
+    again = make_pseudo_labels.make_pseudo_labels(config_from_args(_parse(args)))
+    assert (again["processed"], again["skipped"]) == (0, len(masks))
+    refused = _user_error(capsys, [*args, "rw.beta=8"])
+    assert "rw_params:" in refused and "'beta': 10.0" in refused and "'beta': 8.0" in refused
+    # the same network elsewhere (its file copied, a folder moved) resumes; another network is refused
+    copy = tmp_path / "copy.pth"
+    shutil.copy(irn / "checkpoints" / "last.pth", copy)
+    again = make_pseudo_labels.make_pseudo_labels(config_from_args(_parse([*args, f"rw.checkpoint={copy}"])))
+    assert again["processed"] == 0
+    copy.write_bytes(b"boundary network v2")
+    assert "rw_checkpoint:" in _user_error(capsys, [*args, f"rw.checkpoint={copy}"])
+
+
+def test_rw_then_par_and_crf_refine_the_walked_scores(rw_run) -> None:
+    run, _, irn, _, _ = rw_run
+    overrides = ["pseudo.refine=[rw, par, crf]", f"rw.checkpoint={irn}", "eval.crf_workers=0", "crf.iters=2",
+                 "pseudo.folder=rw_par_crf"]  # fmt: skip
+    assert make_pseudo_labels.main(["--run-dir", str(run), *overrides]) == 0
+    cfg = load_config(run / "config.yaml", ["crf.iters=2"])
+    walk = {"radius": int(cfg.rw.radius), "beta": float(cfg.rw.beta), "exp_times": int(cfg.rw.exp_times)}
+    par = PAR(tuple(cfg.par.dilations), int(cfg.par.num_iter))
+    dataset = build_dataset(cfg, "val", "eval")
+    for index, name in enumerate(dataset.ids[:3]):
+        classes, walked = _walked(run, name, **walk)
+        image = dataset[index]["img"].permute(1, 2, 0).numpy()
+        expected = pseudo_label(walked, classes, image, bkg_thre=float(cfg.rw.bkg_thre), par=par,
+                                crf_params=dict(cfg.crf))  # fmt: skip
+        np.testing.assert_array_equal(read_label_png(run / "rw_par_crf" / "val" / f"{name}.png"), expected)
+
+
+def test_rw_with_a_real_boundary_network_walks_on_its_maps(cam_run, voc_root: Path, tmp_path: Path) -> None:
+    """An untrained resnet10t BoundaryNet saved as an IRN run: the tool's labels are those of its flip-averaged maps
+    (on images whose sides need not be multiples of 4), and the folder records its checkpoint's sealed SHA-256."""
+    from models.boundary import build_boundary_model, load_boundary_net
+    from utils.checkpoint import read_seal, save_checkpoint
+
+    source, masks = cam_run
+    run = _copy_config(source, tmp_path / "run")
+    for name in masks:
+        shutil.copy(source / "cams" / "val" / f"{name}.npz", run / "cams" / "val")
+    irn = tmp_path / "irn"
+    irn_cfg = load_config(["configs/voc.yaml", "configs/irn/demo.yaml"],
+                          [f"data.root={voc_root}", f"run.out_dir={irn}", "irn.backbone=resnet10t",
+                           "irn.branch_channels=8"])  # fmt: skip
+    save_config(irn_cfg, irn)
+    torch.manual_seed(0)
+    save_checkpoint(irn / "checkpoints" / "last.pth", model=build_boundary_model(irn_cfg), step=1)
+    assert make_pseudo_labels.main(["--run-dir", str(run), "pseudo.refine=[rw]", f"rw.checkpoint={irn}"]) == 0
+    cfg = load_config(run / "config.yaml")
+    net = load_boundary_net(irn, "cpu")
+    dataset = build_dataset(cfg, "val", "eval")
+    sizes = set()
+    for index, name in enumerate(dataset.ids):
+        image = dataset[index]["img"]  # uint8 [3, H, W]
+        sizes.add(tuple(image.shape[-2:]))
+        cams = read_cams(run / "cams" / "val" / f"{name}.npz")
+        boundary = net.boundary(image[None], flip=True)[0]
+        walk = {"radius": int(cfg.rw.radius), "beta": float(cfg.rw.beta), "exp_times": int(cfg.rw.exp_times)}
+        walked = propagate(torch.from_numpy(cams.cam), boundary, **walk)
+        expected = hard_label(walked, cams.classes, (float(cfg.rw.bkg_thre),), False)
+        np.testing.assert_array_equal(read_label_png(run / "pseudo_labels_rw" / "val" / f"{name}.png"), expected)
+    assert any(h % 4 or w % 4 for h, w in sizes)
+    recorded = json.loads((run / "pseudo_labels_rw" / "val" / "settings.json").read_text())
+    checkpoint = irn / "checkpoints" / "last.pth"
+    assert recorded["rw_checkpoint"] == {"sha256": read_seal(checkpoint).sha256, "bytes": checkpoint.stat().st_size}
+
+
+def test_rw_without_a_checkpoint_is_one_error_naming_the_key(rw_run, tmp_path: Path, capsys) -> None:
+    run, *_ = rw_run
+    message = _user_error(capsys, ["--run-dir", str(run), "pseudo.refine=[rw]"])
+    assert "rw.checkpoint is not set" in message
+    message = _user_error(capsys, ["--run-dir", str(run), "pseudo.refine=[rw]", f"rw.checkpoint={tmp_path / 'none'}"])
+    assert message.startswith(f"error: rw.checkpoint={tmp_path / 'none'}: ")
+    assert not (run / "pseudo_labels_rw").exists()
 
 
 def _user_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:

@@ -54,6 +54,7 @@ def test_report_takes_cam_stages_from_cam_split_and_seg_from_seg_split(tmp_path)
     assert results["pseudo_label_coverage"] == 0.9
     assert results["seg_miou"] == 0.55
     assert results["cam_aux_miou"] is None and results["seg_crf_miou"] is None  # not evaluated: null, not 0
+    assert results["pseudo_label_rw_miou"] is None and results["pseudo_label_rw_labelled_miou"] is None
     assert (results["train_iterations"], results["train_seconds"], results["seconds"]) == (500, 321.0, 555.0)
 
     lines = (run / "results" / "results.md").read_text().splitlines()
@@ -69,8 +70,28 @@ def test_report_takes_cam_stages_from_cam_split_and_seg_from_seg_split(tmp_path)
     # the sweep row comes after every protocol row and carries the oracle label
     assert rows[7] == f"| CAM at the sweep's best threshold (0.35): {ORACLE} | train | 64.0 |"
     assert rows[8:] == ["| training: 500 iterations | — | 321 s |", "| whole pipeline, wall time | — | 555 s |"]
+    assert not any("RW" in row for row in rows)  # no random walk evaluated: no row for it, not "not run"
     assert (run / "results" / "seg_overlays" / "a.png").is_file()
     assert (run / "results" / "cams_train_sweep.png").is_file()
+
+
+def test_random_walk_rows_follow_the_pseudo_label_rows_when_evaluated(tmp_path):
+    run = _run(tmp_path)
+    eval_dir = run / "eval"
+    atomic_write_json(eval_dir / "pseudo_labels_train.json", {"miou": 0.58, "labelled_miou": 0.7, "coverage": 0.9})
+    atomic_write_json(eval_dir / "pseudo_labels_rw_train.json", {"miou": 0.634, "labelled_miou": 0.634,
+                                                                 "coverage": 1.0})  # fmt: skip
+    atomic_write_json(eval_dir / "pseudo_labels_rw_val.json", {"miou": 0.99})  # not the CAM split: not read
+    results = report.collect(load_config(run / "config.yaml"))
+    assert results["pseudo_label_rw_miou"] == results["pseudo_label_rw_labelled_miou"] == 0.634
+    assert results["pseudo_label_coverage"] == 0.9  # the plain pseudo labels' coverage, not the walk's
+    rows = report.markdown(results).splitlines()[4:]
+    coverage = rows.index("| pseudo-label coverage (share of pixels labelled) | train | 90.0% |")
+    assert rows[coverage + 1 : coverage + 4] == [
+        "| pseudo labels + RW (random walk, IRN boundary network) | train | 63.4 |",
+        "| pseudo labels + RW, labelled pixels only | train | 63.4 |",
+        "| segmentation head | val | not run |",
+    ]  # fmt: skip
 
 
 def test_report_names_a_non_final_checkpoint(tmp_path):
@@ -111,13 +132,8 @@ def _last_split(call: str) -> str:
     return [word.split("=", 1)[1] for word in call.split() if word.startswith("eval.split=")][-1]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "cam_split", "seg_split"),
-    [([], "train", "val"), (["eval.split=train", "eval.cam_split=val"], "val", "train")],
-)
-def test_pipeline_scores_cam_stages_on_cam_split_and_seg_stages_on_eval_split(tmp_path, overrides, cam_split,
-                                                                                seg_split):  # fmt: skip
-    run = _run(tmp_path / "run", "configs/voc.yaml")
+def _pipeline(tmp_path: Path, run: Path, *overrides: str) -> tuple[list[str], str]:
+    """Run scripts/infer_pipeline.sh on ``run`` against the stand-in launcher: (the stages' command lines, stdout)."""
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     shutil.copy(REPO / "scripts" / "infer_pipeline.sh", scripts)
@@ -127,11 +143,24 @@ def test_pipeline_scores_cam_stages_on_cam_split_and_seg_stages_on_eval_split(tm
     command = ["bash", str(scripts / "infer_pipeline.sh"), str(run), "data.num_workers=0", *overrides]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return (scripts / "calls.log").read_text().splitlines(), result.stdout
 
-    calls = (scripts / "calls.log").read_text().splitlines()
-    stages = [" ".join(word for word in call.split() if not word.startswith(("--run-dir", str(run)))
-                       and "=" not in word) for call in calls]  # fmt: skip
-    assert stages == [
+
+def _stages(calls: list[str], run: Path) -> list[str]:
+    """Each call without its --run-dir and key=value arguments: the tool and its options."""
+    return [" ".join(word for word in call.split() if not word.startswith(("--run-dir", str(run))) and "=" not in word)
+            for call in calls]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cam_split", "seg_split"),
+    [([], "train", "val"), (["eval.split=train", "eval.cam_split=val"], "val", "train")],
+)
+def test_pipeline_scores_cam_stages_on_cam_split_and_seg_stages_on_eval_split(tmp_path, overrides, cam_split,
+                                                                                seg_split):  # fmt: skip
+    run = _run(tmp_path / "run", "configs/voc.yaml")
+    calls, stdout = _pipeline(tmp_path, run, *overrides)
+    assert _stages(calls, run) == [
         "tools.make_cam", "tools.evaluate --source cams --sweep", "tools.evaluate --source cams --cam-key cam_aux",
         "tools.make_pseudo_labels", "tools.evaluate --source pseudo_labels", "tools.infer_seg",
         "tools.evaluate --source seg", "tools.evaluate --source seg_crf",
@@ -139,11 +168,41 @@ def test_pipeline_scores_cam_stages_on_cam_split_and_seg_stages_on_eval_split(tm
     assert [_last_split(call) for call in calls] == [cam_split] * 5 + [seg_split] * 3
     assert all(f"--run-dir {run}" in call and "data.num_workers=0" in call for call in calls)  # overrides reach all
     assert "eval.crf=true" in calls[5]
+    assert not any("pseudo.refine" in call for call in calls)  # no boundary network: no random walk
     # the protocol table closes the run, with each row's split and the sweep labelled as an oracle
-    assert f"| segmentation head + DenseCRF | {seg_split} | not run |" in result.stdout
-    assert f"| CAM (multi-scale, bkg threshold 0.5) | {cam_split} | not run |" in result.stdout
-    assert f"{ORACLE} | {cam_split} |" in result.stdout
-    assert f"threshold sweep on {cam_split}: {ORACLE}" in result.stdout
+    assert f"| segmentation head + DenseCRF | {seg_split} | not run |" in stdout
+    assert f"| CAM (multi-scale, bkg threshold 0.5) | {cam_split} | not run |" in stdout
+    assert f"{ORACLE} | {cam_split} |" in stdout
+    assert f"threshold sweep on {cam_split}: {ORACLE}" in stdout
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_pipeline_adds_random_walk_pseudo_labels_with_a_boundary_network(tmp_path, given):
+    """A boundary network trained into RUN/irn (or one given as rw.checkpoint=...) adds the random-walk pseudo labels
+    and their score after the plain ones, on the CAM split; a sharded run only produces them."""
+    run = _run(tmp_path / "run", "configs/voc.yaml")
+    if given:
+        network, overrides = str(tmp_path / "elsewhere" / "irn"), [f"rw.checkpoint={tmp_path / 'elsewhere' / 'irn'}"]
+    else:
+        network, overrides = str(run / "irn" / "checkpoints" / "last.pth"), []
+        (run / "irn" / "checkpoints").mkdir(parents=True)
+        (run / "irn" / "checkpoints" / "last.pth").write_bytes(b"weights")
+    calls, stdout = _pipeline(tmp_path, run, *overrides)
+    stages = _stages(calls, run)
+    assert stages[3:7] == ["tools.make_pseudo_labels", "tools.evaluate --source pseudo_labels",
+                           "tools.make_pseudo_labels", "tools.evaluate --source pseudo_labels_rw"]  # fmt: skip
+    walk = calls[5].split()
+    assert "pseudo.refine=[rw]" not in calls[3] and walk[-3:] == ["pseudo.refine=[rw]", "pseudo.folder=null",
+                                                                  f"rw.checkpoint={network}"]  # fmt: skip
+    assert [_last_split(call) for call in calls[3:7]] == ["train"] * 4
+    assert f"random-walk pseudo labels on train (boundary network rw.checkpoint={network})" in stdout
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    calls, _ = _pipeline(sharded, run, *overrides, "run.num_shards=2", "run.shard_index=0")
+    assert _stages(calls, run) == ["tools.make_cam", "tools.make_pseudo_labels", "tools.make_pseudo_labels",
+                                   "tools.infer_seg"]  # fmt: skip
+    assert calls[2].split()[-1] == f"rw.checkpoint={network}" and "pseudo.refine=[rw]" in calls[2]
 
 
 def test_shell_entry_points_parse():
@@ -187,6 +246,7 @@ CLASSES = ["background", "cow", "sofa"]
 PER_CLASS = {
     "cams_train.json": [0.9, 0.42, 0.18],
     "pseudo_labels_train.json": [0.8, 0.22, None],
+    "pseudo_labels_rw_train.json": [0.85, 0.3, 0.05],
     "seg_val.json": [0.95, 0.0, 0.0],
     "seg_crf_val.json": [0.96, 0.0, 0.01],
 }
@@ -207,7 +267,7 @@ def test_per_class_chart_plots_the_eval_files_values_and_is_written_next_to_the_
     run = _per_class_run(tmp_path)
     names, stages = report.per_class_iou(run, "train", "val")
     assert names == CLASSES
-    assert list(stages) == ["CAM", "pseudo labels", "seg head", "seg head + DenseCRF"]
+    assert list(stages) == ["CAM", "pseudo labels", "pseudo labels + RW", "seg head", "seg head + DenseCRF"]
     for (stem, _, group), stage in zip(report.PER_CLASS_STAGES, stages.values(), strict=True):
         split = "train" if group == "cam" else "val"
         assert stage["split"] == split and stage["iou"] == PER_CLASS[stem.format(split=split)]
@@ -228,7 +288,8 @@ def test_per_class_chart_plots_the_eval_files_values_and_is_written_next_to_the_
     axes = figure.axes[0]
     assert [t.get_text() for t in axes.get_xticklabels()] == CLASSES
     assert [t.get_text() for t in axes.get_legend().get_texts()] == [
-        "CAM (train, mIoU 50.0)", "pseudo labels (train, mIoU 51.0)", "seg head (val, mIoU 31.7)",
+        "CAM (train, mIoU 50.0)", "pseudo labels (train, mIoU 51.0)", "pseudo labels + RW (train, mIoU 40.0)",
+        "seg head (val, mIoU 31.7)",
         "seg head + DenseCRF (val, mIoU 32.3)",
     ]  # fmt: skip
     for container, iou in zip(axes.containers, PER_CLASS.values(), strict=True):
@@ -244,6 +305,7 @@ def test_per_class_chart_plots_the_eval_files_values_and_is_written_next_to_the_
 def test_per_class_chart_skips_missing_stages_and_refuses_mismatched_classes(tmp_path, capsys):
     run = _per_class_run(tmp_path)
     (run / "eval" / "seg_crf_val.json").unlink()
+    (run / "eval" / "pseudo_labels_rw_train.json").unlink()
     assert list(report.per_class_iou(run, "train", "val")[1]) == ["CAM", "pseudo labels", "seg head"]
     assert report.per_class_iou(run, "test", "test") == ([], {})  # nothing evaluated there: no chart
     atomic_write_json(run / "eval" / "seg_val.json", {"miou": 0.5, "iou": [0.5, 0.5], "class_names": ["a", "b"]})

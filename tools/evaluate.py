@@ -1,7 +1,7 @@
 """Evaluate a run's CAMs, pseudo labels or segmentation predictions against the ground-truth masks (SPEC §5.3).
 
-    python -m tools.evaluate --run-dir RUN --source cams|pseudo_labels|seg|seg_crf [--sweep] [--cam-key cam|cam_aux]
-                             [--tag T] [key=value ...]
+    python -m tools.evaluate --run-dir RUN --source cams|pseudo_labels|pseudo_labels_rw|seg|seg_crf [--sweep]
+                             [--cam-key cam|cam_aux] [--tag T] [key=value ...]
     torchrun --nproc_per_node=4 -m tools.evaluate --run-dir RUN --source seg     (sharded, matrices all-reduced)
 
 Reads ``RUN/<source>/<split>/<id>.{npz,png}`` for every image of the split (``eval.split``, else
@@ -17,6 +17,8 @@ Reads ``RUN/<source>/<split>/<id>.{npz,png}`` for every image of the split (``ev
   §2.4/§2.5). ``miou`` counts those pixels as background, a conservative score comparable with single-threshold
   labels; ``labelled_miou`` scores only the pixels that received a label, and ``coverage`` is the fraction of valid
   ground-truth pixels that did.
+- ``pseudo_labels_rw``: the random-walk pseudo labels (``tools.make_pseudo_labels pseudo.refine=[rw]``, folder
+  ``pseudo_labels_rw``), scored exactly like ``pseudo_labels``.
 - ``seg`` / ``seg_crf``: the prediction PNGs of ``tools.infer_seg``.
 
 Every metric comes from one int64 confusion matrix per split (mIoU over the classes with ground truth, pixel and
@@ -78,6 +80,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 CamMaps = tuple[np.ndarray, np.ndarray]  # (cams float32 [K, H, W], class ids int64 [K])
 SWEEP_NOTE = "GT-tuned threshold, oracle — not a protocol number"
+# Sources whose labels may leave pixels unlabelled (data.ignore_index): scored with and without them
+PSEUDO_SOURCES = ("pseudo_labels", "pseudo_labels_rw")
 
 
 @dataclass(frozen=True)
@@ -87,13 +91,17 @@ class Source:
     folder: str
     suffix: str
     command: str  # appended to ``python -m`` in error hints
+    overrides: str = ""  # the producing tool's key=value arguments, after its --run-dir
 
 
 SOURCES: dict[str, Source] = {
     "cams": Source("cams", ".npz", "tools.make_cam"),
     "pseudo_labels": Source("pseudo_labels", ".png", "tools.make_pseudo_labels"),
+    "pseudo_labels_rw": Source(
+        "pseudo_labels_rw", ".png", "tools.make_pseudo_labels", " pseudo.refine=[rw] rw.checkpoint=IRN_RUN"
+    ),
     "seg": Source("seg", ".png", "tools.infer_seg"),
-    "seg_crf": Source("seg_crf", ".png", "tools.infer_seg eval.crf=true"),
+    "seg_crf": Source("seg_crf", ".png", "tools.infer_seg", " eval.crf=true"),
 }
 
 
@@ -121,7 +129,7 @@ def cam_maps(path: Path, key: str, num_classes: int) -> CamMaps:
 
 
 def png_predictions(folder: Path, ids: Sequence[str], pool: ThreadPoolExecutor, ahead: int) -> Iterator[tuple]:
-    """seg / seg_crf / pseudo_labels: yields ``(id, label uint8 [H, W])`` from ``folder/<id>.png``."""
+    """seg / seg_crf / pseudo_labels(_rw): yields ``(id, label uint8 [H, W])`` from ``folder/<id>.png``."""
     labels = ordered_map(lambda name: read_label_png(folder / f"{name}.png"), ids, pool, ahead)
     return zip(ids, labels, strict=True)
 
@@ -260,7 +268,8 @@ def check_complete(folder: Path, ids: Sequence[str], source: Source, cfg: DictCo
     split_arg = f" eval.split={split}" if cfg.eval.split is not None else ""
     raise FileNotFoundError(
         f"{len(missing)} of {len(ids)} image(s) of split {split!r} have no prediction {folder}/<id>{source.suffix}: "
-        f"{preview(missing)}. Produce them with: python -m {source.command} --run-dir {cfg.run.out_dir}{split_arg}"
+        f"{preview(missing)}. Produce them with: python -m {source.command} --run-dir {cfg.run.out_dir}"
+        f"{source.overrides}{split_arg}"
         " (made in shards, run.num_shards: every shard must have finished, its files copied into this folder)"
     )
 
@@ -296,7 +305,7 @@ def evaluate(
 
     Args:
         cfg: the run's config (``--run-dir`` reloads it).
-        source: ``cams`` | ``pseudo_labels`` | ``seg`` | ``seg_crf``.
+        source: ``cams`` | ``pseudo_labels`` | ``pseudo_labels_rw`` | ``seg`` | ``seg_crf``.
         sweep: sweep the CAM background threshold (``cams`` only).
         cam_key: ``cam`` | ``cam_aux`` (``cams`` only; None = ``cam``).
         tag: name of the results-log line (``eval.results_log``); None = the result name (e.g. ``seg``, ``cams_aux``).
@@ -351,7 +360,7 @@ def evaluate(
             scorer = LabelScorer(num_classes, ignore, allow_unlabelled=False)
             predictions = cam_label_predictions(folder, ids, pool, ahead, cam_key, threshold, num_classes, ignore)
         else:
-            scorer = LabelScorer(num_classes, ignore, allow_unlabelled=source == "pseudo_labels")
+            scorer = LabelScorer(num_classes, ignore, allow_unlabelled=source in PSEUDO_SOURCES)
             predictions = png_predictions(folder, ids, pool, ahead)
         accumulate(scorer, predictions, gt_paths, folder, spec.suffix, pool, ahead)
     scorer.all_reduce()

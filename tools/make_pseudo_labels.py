@@ -1,40 +1,58 @@
-"""Pseudo labels from saved CAMs (SPEC §2.5): hard palette PNGs and, optionally, compact soft labels.
+"""Pseudo labels from saved CAMs (SPEC §2.5, §9): hard palette PNGs and, optionally, compact soft labels.
 
     python -m tools.make_cam --run-dir RUN                      # first: RUN/cams/<split>/<id>.npz
     python -m tools.make_pseudo_labels --run-dir RUN [key=value ...]
+    python -m tools.make_pseudo_labels --run-dir RUN pseudo.refine=[rw] rw.checkpoint=IRN_RUN   # -> pseudo_labels_rw
     torchrun --nproc_per_node=N -m tools.make_pseudo_labels --run-dir RUN [key=value ...]
 
-Reads the ``pseudo.cam_key`` branch of ``RUN/cams/<split>/<id>.npz`` and writes ``RUN/pseudo_labels/<split>/<id>.png``
-(VOC colour map; 0 background, class ids, ``data.ignore_index`` (255) ignore), every label made by
-``core.pseudo_labels.hard_label`` (the steps of ``core.pseudo_labels.pseudo_label``, with DenseCRF streamed):
+Reads the ``pseudo.cam_key`` branch of ``RUN/cams/<split>/<id>.npz`` and writes ``RUN/<folder>/<split>/<id>.png``
+(VOC colour map; 0 background, class ids, ``data.ignore_index`` (255) ignore), where ``<folder>`` is
+``pseudo.folder``, or by default ``pseudo_labels`` (``pseudo_labels_rw`` when the random walk refines). Every label
+is made by ``core.pseudo_labels.hard_label`` (the steps of ``core.pseudo_labels.pseudo_label``, with DenseCRF
+streamed):
 
 - single threshold (``pseudo.dual: false``): background plane at ``pseudo.bkg_thre`` (null ⇒ ``cam.bkg_thre``) +
   the class-masked CAMs → arg-max, background winning ties;
 - dual (``pseudo.dual: true``): the §2.4 ignore band from planes at ``cam.high_thre`` / ``cam.low_thre``;
-- ``pseudo.par`` / ``pseudo.crf``: the arg-max runs on the softmax over background + present classes, refined by PAR
-  (``par.*``, at half resolution as in §2.4) and/or DenseCRF (``crf.*``, through ``eval.crf_workers`` processes,
-  streamed); every stack is refined (both for dual);
-- ``pseudo.soft``: also ``RUN/pseudo_labels/<split>/soft/<id>.npz`` — the probabilities of the single-threshold stack
-  (``pseudo.bkg_thre``; refined like the hard label) over background + present classes only, ``pseudo.soft_dtype``.
-  Expand one with ``core.pseudo_labels.load_soft_label``.
+- ``pseudo.refine``: the refiners, applied in the order ``rw``, ``par``, ``crf`` (any subset, e.g. ``[rw]``,
+  ``[par, crf]``):
+
+  - ``rw``, IRN's random walk (SPEC §9): the boundary network of ``rw.checkpoint`` (an IRN run folder, i.e. its
+    ``checkpoints/last.pth``, or a checkpoint file; ``models.boundary.load_boundary_net``, loaded once) gives each
+    image's stride-4 boundary map (with its flip when ``rw.flip``), and ``core.random_walk.propagate`` (``rw.radius``
+    / ``beta`` / ``exp_times`` / ``mode``) replaces the CAMs by the walked scores (divided by their global max). The
+    walked scores have one background plane, ``rw.bkg_thre``, in place of ``pseudo.bkg_thre``; the dual band does
+    not apply to them, so ``pseudo.dual`` is ignored (an info line says so) and the labels are single-threshold;
+  - ``par`` / ``crf``: the arg-max runs on the softmax over background + present classes (of the CAMs, or of the
+    walked scores), refined by PAR (``par.*``, at half resolution as in §2.4) and/or DenseCRF (``crf.*``, through
+    ``eval.crf_workers`` processes, streamed); every stack is refined (both for dual);
+- ``pseudo.soft``: also ``RUN/<folder>/<split>/soft/<id>.npz`` — the probabilities of the single-threshold stack
+  (``pseudo.bkg_thre``, or ``rw.bkg_thre`` on the walked scores; refined like the hard label) over background +
+  present classes only, ``pseudo.soft_dtype``. Expand one with ``core.pseudo_labels.load_soft_label``.
 
 Sharded over ranks and, with ``run.num_shards=N run.shard_index=i``, over machines (machine i takes ``ids[i::N]`` and
 needs the CAM files of those ids only; ``utils.outputs.Shard``), resumable (ids whose outputs exist are skipped),
 atomic writes (temporary files a killed run left are swept at start); ``settings.json`` in the output folder refuses
-a resume with different settings (a folder that holds no label yet is re-claimed instead, never by a sharded run).
-CAM files of either ``cam.file_dtype`` (float16, uint8) are read the same way (``core.camfile.read_cams``).
+a resume with different settings (a folder that holds no label yet is re-claimed instead, never by a sharded run):
+the label rule, the refine list, the PAR / CRF / walk parameters, the CAM folder's own settings and, with ``rw``,
+the boundary network's identity — its content's SHA-256 (:func:`boundary_identity`), so the same network copied
+or moved elsewhere resumes and a retrained one is refused. A folder recorded before ``pseudo.refine`` existed (the
+booleans ``par`` / ``crf``) is read as the list they mean. CAM files of either ``cam.file_dtype`` (float16, uint8)
+are read the same way (``core.camfile.read_cams``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,32 +69,73 @@ from core.pseudo_labels import (
     soft_label,
     stack_probabilities,
 )
+from core.random_walk import propagate
 from datasets import build_dataset
 from models.par import PAR
 from utils import dist
-from utils.config import ConfigError
+from utils.checkpoint import LAST, checkpoint_dir, read_seal
+from utils.config import REFINERS, ConfigError
 from utils.crf import CRFPool, crf_params
-from utils.io import read_image, save_label_png, save_npz
+from utils.io import atomic_write_json, read_image, save_label_png, save_npz
 from utils.logging import progress_bar, setup_logging
-from utils.outputs import Shard, output_dir, pending_indices, prepare_outputs, run_tool, split_name
+from utils.outputs import SETTINGS_FILE, Shard, output_dir, pending_indices, prepare_outputs, run_tool, split_name
 from utils.text import preview
 
 logger = logging.getLogger("tools.make_pseudo_labels")
 
+# output folder in the run when pseudo.folder is null: with the random walk, or without it
+FOLDER, FOLDER_RW = "pseudo_labels", "pseudo_labels_rw"
+# bytes read at a time when hashing an unsealed boundary checkpoint
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Walk:
+    """The ``rw.*`` settings of the random walk (SPEC §9); ``checkpoint`` is the boundary network's source."""
+
+    checkpoint: str
+    radius: int
+    beta: float
+    exp_times: int
+    bkg_thre: float
+    flip: bool
+    mode: str
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Walk:
+        rw = cfg.rw
+        if rw.checkpoint is None or not str(rw.checkpoint).strip():
+            raise ConfigError(
+                "pseudo.refine has rw but rw.checkpoint is not set: give the boundary network, "
+                "rw.checkpoint=IRN_RUN (an IRN run folder) or rw.checkpoint=FILE (its checkpoint)"
+            )
+        return cls(
+            checkpoint=str(rw.checkpoint), radius=int(rw.radius), beta=float(rw.beta), exp_times=int(rw.exp_times),
+            bkg_thre=float(rw.bkg_thre), flip=bool(rw.flip), mode=str(rw.mode),
+        )  # fmt: skip
+
+    def params(self) -> dict[str, Any]:
+        """What the walk computes with, the network aside (that is :func:`boundary_identity`)."""
+        return {k: v for k, v in asdict(self).items() if k != "checkpoint"}
+
 
 @dataclass
 class Options:
-    """The ``pseudo.*`` settings with their fallbacks resolved (plain values, read once from the config)."""
+    """The ``pseudo.*`` (and ``rw.*``) settings with their fallbacks resolved (plain values, read once).
+
+    With the random walk, ``bkg_thre`` is ``rw.bkg_thre`` and ``dual`` is False: the walked scores have one
+    background plane.
+    """
 
     cam_key: str
     bkg_thre: float
     high: float
     low: float
     dual: bool
-    par: bool
-    crf: bool
+    refine: tuple[str, ...]
     soft: bool
     soft_dtype: str
+    walk: Walk | None = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Options:
@@ -85,11 +144,28 @@ class Options:
             raise ConfigError(f"pseudo.cam_key must be one of {CAM_KEYS}, got {p.cam_key!r}")
         if p.soft_dtype not in SOFT_DTYPES:
             raise ConfigError(f"pseudo.soft_dtype must be one of {SOFT_DTYPES}, got {p.soft_dtype!r}")
-        bkg = cfg.cam.bkg_thre if p.bkg_thre is None else p.bkg_thre
+        refine = tuple(str(name) for name in p.refine)
+        if any(name not in REFINERS for name in refine) or list(refine) != sorted(set(refine), key=REFINERS.index):
+            raise ConfigError(f"pseudo.refine must be an ordered subset of {list(REFINERS)}, got {list(refine)}")
+        walk = Walk.from_config(cfg) if "rw" in refine else None
+        bkg = walk.bkg_thre if walk else cfg.cam.bkg_thre if p.bkg_thre is None else p.bkg_thre
         return cls(
             cam_key=str(p.cam_key), bkg_thre=float(bkg), high=float(cfg.cam.high_thre), low=float(cfg.cam.low_thre),
-            dual=bool(p.dual), par=bool(p.par), crf=bool(p.crf), soft=bool(p.soft), soft_dtype=str(p.soft_dtype),
+            dual=bool(p.dual) and walk is None, refine=refine, soft=bool(p.soft), soft_dtype=str(p.soft_dtype),
+            walk=walk,
         )  # fmt: skip
+
+    @property
+    def rw(self) -> bool:
+        return "rw" in self.refine
+
+    @property
+    def par(self) -> bool:
+        return "par" in self.refine
+
+    @property
+    def crf(self) -> bool:
+        return "crf" in self.refine
 
     @property
     def thresholds(self) -> tuple[float, ...]:
@@ -103,16 +179,73 @@ class Options:
         return 2 if self.dual else 0
 
 
-def settings(cfg: DictConfig, opts: Options) -> dict:
-    """What determines the hard labels and soft probabilities.
+def pseudo_folder(cfg: DictConfig, opts: Options) -> str:
+    """The output folder's name in the run: ``pseudo.folder``, else ``pseudo_labels`` / ``pseudo_labels_rw``."""
+    if cfg.pseudo.folder is not None:
+        return str(cfg.pseudo.folder)
+    return FOLDER_RW if opts.rw else FOLDER
+
+
+def boundary_checkpoint(source: str | Path) -> Path:
+    """The checkpoint file ``rw.checkpoint`` names: the file itself, or an IRN run folder's final checkpoint
+    (``<folder>/checkpoints/last.pth``), the file ``models.boundary.load_boundary_net`` loads.
+
+    Raises:
+        FileNotFoundError: neither exists; the message names ``rw.checkpoint``.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = checkpoint_dir(path) / LAST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"rw.checkpoint={source}: no boundary-network checkpoint {path} (give an IRN run folder, which holds "
+            f"checkpoints/{LAST}, or a checkpoint file; train one with task: irn)"
+        )
+    return path
+
+
+def boundary_identity(path: Path) -> dict[str, Any]:
+    """The boundary network's identity in ``settings.json``: ``{"sha256", "bytes"}`` of its checkpoint's content.
+
+    A content hash, not the path and modification time: the same network copied to another machine or moved with its
+    run folder resumes, a retrained one (or another file) is refused. A sealed checkpoint (every one the trainer
+    writes, ``utils.checkpoint``) carries the SHA-256 of its content in its seal, read from the file's tail without
+    reading the rest; an unsealed file is hashed whole (once per run).
+    """
+    seal = read_seal(path)
+    if seal is not None:
+        digest = seal.sha256
+    else:
+        hasher = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                hasher.update(chunk)
+        digest = hasher.hexdigest()
+    return {"sha256": digest, "bytes": path.stat().st_size}
+
+
+def load_boundary_net(source: str | Path, device: torch.device) -> torch.nn.Module:
+    """``models.boundary.load_boundary_net``: the trained network in eval mode on ``device`` (imported here, so runs
+    without ``rw`` never import timm's ResNets)."""
+    from models.boundary import load_boundary_net as load
+
+    return load(source, device)
+
+
+def settings(cfg: DictConfig, opts: Options, boundary: dict[str, Any] | None = None) -> dict:
+    """What determines the hard labels and soft probabilities (``boundary``: :func:`boundary_identity`, with rw).
 
     ``pseudo.soft`` and ``pseudo.soft_dtype`` are left out: turning soft labels on later only adds files, and their
     storage type is recorded by the ``soft/`` folder's own settings.
     """
-    out = {k: v for k, v in vars(opts).items() if k not in ("soft", "soft_dtype")}
+    out: dict[str, Any] = {"cam_key": opts.cam_key, "bkg_thre": opts.bkg_thre, "high": opts.high, "low": opts.low,
+                           "dual": opts.dual, "refine": list(opts.refine)}  # fmt: skip
     # the labels are only as current as the CAMs they come from: chain their settings (checkpoint identity included)
     cams_settings = Path(cfg.run.out_dir) / "cams" / split_name(cfg) / "settings.json"
     out["cams"] = json.loads(cams_settings.read_text()) if cams_settings.is_file() else None
+    if opts.walk is not None:
+        out["rw_params"] = opts.walk.params()
+        out["rw_checkpoint"] = boundary
     if opts.par:
         out["par_params"] = OmegaConf.to_container(cfg.par, resolve=True)
     if opts.crf:
@@ -120,13 +253,36 @@ def settings(cfg: DictConfig, opts: Options) -> dict:
     return out
 
 
+def migrate_settings(folder: Path) -> bool:
+    """Rewrite a ``settings.json`` recorded before ``pseudo.refine`` (booleans ``par`` / ``crf``) as the list they
+    mean, in place, so such a folder resumes (``utils.config`` reads old configs the same way). Rank 0, before the
+    folder is claimed. Returns whether it rewrote the file."""
+    path = folder / SETTINGS_FILE
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):  # unreadable: check_settings explains it
+        return False
+    if not isinstance(recorded, dict) or "refine" in recorded or not {"par", "crf"} <= set(recorded):
+        return False
+    flags = {name: recorded.pop(name) for name in ("par", "crf")}
+    recorded["refine"] = [name for name in REFINERS if flags.get(name) is True]
+    try:
+        atomic_write_json(path, recorded)
+    except OSError as err:  # a read-only folder, say: check_settings then names the difference
+        logger.warning("%s: could not rewrite the pre-pseudo.refine record (%s)", path, err)
+        return False
+    logger.info("%s: recorded with pseudo.par / pseudo.crf, read as pseudo.refine=%s", path, recorded["refine"])
+    return True
+
+
 @dataclass
 class Prepared:
     """One image on its way through the pipeline.
 
-    ``cam`` [K, H, W] are the CAMs of the ``classes`` [K]; ``probs`` [S, K+1, H, W] the refined probabilities of the
-    stacks at ``Options.thresholds`` (None when nothing is refined, or K = 0); ``image`` uint8 [H, W, 3] when DenseCRF
-    refines the item (its jobs are sent by :meth:`Pipeline.crf_stream`), else None.
+    ``cam`` [K, H, W] are the CAMs of the ``classes`` [K] (their walked scores with ``rw``); ``probs``
+    [S, K+1, H, W] the refined probabilities of the stacks at ``Options.thresholds`` (None when no probability is
+    refined, or K = 0); ``image`` uint8 [H, W, 3] when DenseCRF refines the item (its jobs are sent by
+    :meth:`Pipeline.crf_stream`), else None.
     """
 
     index: int
@@ -157,24 +313,47 @@ def cam_folder(cfg: DictConfig, split: str, ids: list[str], shard: Shard | None 
 
 
 class Pipeline:
-    """CAM file (→ stacks → PAR) (→ DenseCRF) → hard label (+ soft label), one image at a time."""
+    """CAM file (→ random walk) (→ stacks → PAR) (→ DenseCRF) → hard label (+ soft label), one image at a time.
 
-    def __init__(self, cfg: DictConfig, opts: Options, device: torch.device) -> None:
+    ``boundary_net`` (with ``rw``): the network whose ``boundary(images uint8 [1, 3, H, W], flip) -> [1, h, w]``
+    gives the stride-4 boundary probabilities the walk runs on.
+    """
+
+    def __init__(
+        self, cfg: DictConfig, opts: Options, device: torch.device, boundary_net: torch.nn.Module | None = None
+    ) -> None:
+        if opts.rw and boundary_net is None:
+            raise ValueError("Pipeline: pseudo.refine has rw, so a boundary network is needed")
         self.opts = opts
         self.device = device
         self.num_classes = int(cfg.data.num_classes)
         self.ignore_index = int(cfg.data.ignore_index)
+        self.boundary_net = boundary_net if opts.rw else None
         self.par = PAR(tuple(int(d) for d in cfg.par.dilations), int(cfg.par.num_iter)) if opts.par else None
         self.crf_params = crf_params(cfg) if opts.crf else None
-        self.refine = opts.par or opts.crf
+        self.probabilities = opts.par or opts.crf  # the arg-max runs on refined probabilities
+
+    def walk(self, cam: torch.Tensor, image: np.ndarray) -> torch.Tensor:
+        """The walked scores [K, H, W] of ``cam`` [K, H, W] on the boundary map of ``image`` uint8 [H, W, 3]."""
+        walk = self.opts.walk
+        with torch.no_grad():
+            batch = torch.from_numpy(image).permute(2, 0, 1)[None].to(self.device)
+            boundary = self.boundary_net.boundary(batch, flip=walk.flip)[0]
+            return propagate(cam, boundary, radius=walk.radius, beta=walk.beta, exp_times=walk.exp_times,
+                             mode=walk.mode)  # fmt: skip
 
     def prepare(self, index: int, name: str, cam_path: Path, image_path: Path) -> Prepared:
         cams = read_cams(cam_path, self.num_classes)
         maps = torch.from_numpy(cams.maps(self.opts.cam_key)).to(self.device)
-        if not self.refine or len(cams.classes) == 0:  # K = 0: nothing to refine, every pixel is background
+        uses_image = self.boundary_net is not None or self.probabilities
+        if not uses_image or len(cams.classes) == 0:  # K = 0: nothing to refine, every pixel is background
             return Prepared(index, name, cams.classes, maps, None, None)
         image = read_image(image_path)
         check_image(image, tuple(maps.shape[-2:]), f"image {image_path} (CAM file {cam_path})")
+        if self.boundary_net is not None:
+            maps = self.walk(maps, image)
+        if not self.probabilities:
+            return Prepared(index, name, cams.classes, maps, None, None)
         probs = stack_probabilities(maps, self.opts.thresholds, rgb01(image, self.device), self.par)
         return Prepared(index, name, cams.classes, maps, probs, image if self.crf_params is not None else None)
 
@@ -220,25 +399,34 @@ class Pipeline:
 
 
 def make_pseudo_labels(cfg: DictConfig) -> dict:
-    """Write the split's pseudo labels into ``RUN/pseudo_labels/<split>/`` (this rank's share); collective at the end.
+    """Write the split's pseudo labels into ``RUN/<folder>/<split>/`` (this rank's share); collective at the end.
 
     Returns:
-        Summary over all ranks (of this machine): ``split``, ``folder``, ``total`` (the split), ``shard`` (``"i/N"``),
-        ``processed``, ``skipped``, ``seconds``, ``images_per_s``, ``ignored`` and ``foreground`` (pixel fractions of
-        the processed labels).
+        Summary over all ranks (of this machine): ``split``, ``folder``, ``refine`` (the refiners, in order),
+        ``total`` (the split), ``shard`` (``"i/N"``), ``processed``, ``skipped``, ``seconds``, ``images_per_s``,
+        ``ignored`` and ``foreground`` (pixel fractions of the processed labels).
     """
     started = time.time()
+    opts = Options.from_config(cfg)  # config mistakes (rw without rw.checkpoint) before any work
     device = dist.init_distributed(cfg.run.device, int(cfg.run.num_threads))
     rank = dist.get_rank()
     setup_logging(cfg.run.out_dir, rank, "make_pseudo_labels.log")
-    opts = Options.from_config(cfg)
     split = split_name(cfg)
     dataset = build_dataset(cfg, split, "eval")
     ids = dataset.ids
     shard = Shard.from_config(cfg)
     cams = cam_folder(cfg, split, ids, shard)
-    folder = output_dir(cfg, "pseudo_labels", split)
-    claims = [(folder, settings(cfg, opts))]
+    boundary_net, identity = None, None
+    if opts.walk is not None:
+        if cfg.pseudo.dual:
+            logger.info("pseudo.dual=true does not apply to the random walk's scores (one background plane, "
+                        "rw.bkg_thre=%g): the labels are single-threshold", opts.walk.bkg_thre)  # fmt: skip
+        boundary_net = load_boundary_net(opts.walk.checkpoint, device)  # names rw.checkpoint if it cannot
+        identity = boundary_identity(boundary_checkpoint(opts.walk.checkpoint))
+    folder = output_dir(cfg, pseudo_folder(cfg, opts), split)
+    if rank == 0:
+        migrate_settings(folder)
+    claims = [(folder, settings(cfg, opts, identity))]
     if opts.soft:
         claims.append((folder / "soft", {"soft_dtype": opts.soft_dtype}))
     prepare_outputs(claims, started, shard, ids)
@@ -248,7 +436,7 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
         mine = len(todo) + skipped
         todo = sorted(set(todo) | set(todo_soft))
         skipped = mine - len(todo)
-    pipeline = Pipeline(cfg, opts, device)
+    pipeline = Pipeline(cfg, opts, device, boundary_net)
     start, pixels = time.time(), np.zeros(3, dtype=np.int64)  # all, ignored, foreground
     items = (pipeline.prepare(i, ids[i], cams / f"{ids[i]}.npz", dataset.image_paths[i]) for i in todo)
     workers = int(cfg.eval.crf_workers) if opts.crf else 0
@@ -269,18 +457,18 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
     seconds = max(c[2] for c in counts)
     total_pixels = np.sum([c[3] for c in counts], axis=0)
     summary = {
-        "split": split, "folder": str(folder), "total": len(ids), "shard": str(shard), "processed": processed,
-        "skipped": skipped, "seconds": seconds,
+        "split": split, "folder": str(folder), "refine": list(opts.refine), "total": len(ids), "shard": str(shard),
+        "processed": processed, "skipped": skipped, "seconds": seconds,
         "images_per_s": processed / seconds if processed and seconds > 0 else 0.0,
         "ignored": float(total_pixels[1] / max(1, total_pixels[0])),
         "foreground": float(total_pixels[2] / max(1, total_pixels[0])),
     }  # fmt: skip
+    rule = "dual" if opts.dual else f"bkg_thre {opts.bkg_thre:g}"
     logger.info(
-        "make_pseudo_labels %s (%s, %s%s%s%s): %d processed, %d already done (skipped), %d in the split%s | "
+        "make_pseudo_labels %s (%s, %s, refine %s%s): %d processed, %d already done (skipped), %d in the split%s | "
         "%.1f%% ignored, %.1f%% foreground | %.1f s, %.2f images/s | %s",
-        split, opts.cam_key, "dual" if opts.dual else f"bkg_thre {opts.bkg_thre}", " +PAR" if opts.par else "",
-        " +CRF" if opts.crf else "", " +soft" if opts.soft else "", processed, skipped, len(ids),
-        f" (shard {shard}: {processed + skipped} of them)" if shard.sharded else "",
+        split, opts.cam_key, rule, "+".join(opts.refine) or "none", ", +soft" if opts.soft else "", processed,
+        skipped, len(ids), f" (shard {shard}: {processed + skipped} of them)" if shard.sharded else "",
         100 * summary["ignored"], 100 * summary["foreground"], seconds, summary["images_per_s"], folder,
     )  # fmt: skip
     return summary

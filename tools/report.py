@@ -14,12 +14,14 @@ Reads ``RUN/eval/*_<split>.json`` (written by ``tools.evaluate``), the outputs' 
 made them) and ``RUN/metrics.jsonl``, and writes ``RUN/results/``: ``results.json`` (keys ``cam_split``,
 ``seg_split``, ``checkpoint``, ``cam_checkpoint``, ``seg_checkpoint``, ``cam_miou``, ``cam_aux_miou``,
 ``cam_best_threshold``, ``cam_best_miou``, ``pseudo_label_miou``, ``pseudo_label_labelled_miou``,
-``pseudo_label_coverage``, ``seg_miou``, ``seg_crf_miou``, ``train_seconds``, ``seconds``, ...; a stage that was not
-evaluated is null; with a second-stage run in ``RUN/stage2`` also ``stage2_run``, ``stage2_seg_miou`` and
-``stage2_seg_crf_miou``, read from its eval files on the same split), ``results.md`` (the protocol table), the CAM
-threshold-sweep plot, the segmentation overlays and ``per_class_iou.png``: grouped bars of every class's IoU for CAM
-and pseudo labels (on the CAM split) and the segmentation head without and with DenseCRF (on the segmentation split),
-read from the same eval files, with the numbers it draws in ``per_class_iou.json``.
+``pseudo_label_coverage``, ``pseudo_label_rw_miou``, ``pseudo_label_rw_labelled_miou`` (the random-walk pseudo labels
+of ``tools.make_pseudo_labels pseudo.refine=[rw]``; their rows appear only when they were evaluated), ``seg_miou``,
+``seg_crf_miou``, ``train_seconds``, ``seconds``, ...; a stage that was not evaluated is null; with a second-stage
+run in ``RUN/stage2`` also ``stage2_run``, ``stage2_seg_miou`` and ``stage2_seg_crf_miou``, read from its eval files
+on the same split), ``results.md`` (the protocol table), the CAM threshold-sweep plot, the segmentation overlays and
+``per_class_iou.png``: grouped bars of every class's IoU for CAM and pseudo labels (and the random-walk ones when
+evaluated; on the CAM split) and the segmentation head without and with DenseCRF (on the segmentation split), read
+from the same eval files, with the numbers it draws in ``per_class_iou.json``.
 """
 
 from __future__ import annotations
@@ -50,12 +52,19 @@ ROWS = (
      "pseudo labels (ignore band counted as background)"),
     ("pseudo_label_labelled_miou", "cam", "pseudo_labels_{split}.json", "labelled_miou",
      "pseudo labels, labelled pixels only"),
+    ("pseudo_label_rw_miou", "cam", "pseudo_labels_rw_{split}.json", "miou",
+     "pseudo labels + RW (random walk, IRN boundary network)"),
+    ("pseudo_label_rw_labelled_miou", "cam", "pseudo_labels_rw_{split}.json", "labelled_miou",
+     "pseudo labels + RW, labelled pixels only"),
     ("seg_miou", "seg", "seg_{split}.json", "miou", "segmentation head"),
     ("seg_crf_miou", "seg", "seg_crf_{split}.json", "miou", "segmentation head + DenseCRF"),
     # last and apart: its threshold was chosen on the very masks it is scored against
     ("cam_best_miou", "cam", "cams_{split}_sweep.json", "miou",
      "CAM at the sweep's best threshold ({best}): " + ORACLE),
 )  # fmt: skip
+# rows of an optional stage, shown only when it was evaluated (its eval file exists): the random walk needs an IRN
+# boundary network, which a run need not have
+OPTIONAL_ROWS = ("pseudo_label_rw_miou", "pseudo_label_rw_labelled_miou")
 # results key of the number of images scored, and the eval files that record it, in order of preference
 NUM_IMAGES = {"cam": ("cams_{split}.json", "cams_aux_{split}.json", "pseudo_labels_{split}.json"),
               "seg": ("seg_{split}.json", "seg_crf_{split}.json")}  # fmt: skip
@@ -67,6 +76,7 @@ STAGE2_DIR = "stage2"
 PER_CLASS_STAGES = (
     ("cams_{split}.json", "CAM", "cam"),
     ("pseudo_labels_{split}.json", "pseudo labels", "cam"),
+    ("pseudo_labels_rw_{split}.json", "pseudo labels + RW", "cam"),
     ("seg_{split}.json", "seg head", "seg"),
     ("seg_crf_{split}.json", "seg head + DenseCRF", "seg"),
 )
@@ -193,6 +203,8 @@ def markdown(results: dict[str, Any]) -> str:
     best = "n/a" if results["cam_best_threshold"] is None else f"{results['cam_best_threshold']:.2f}"
     for key, group, _, _, label in ROWS:
         split = cam_split if group == "cam" else seg
+        if key in OPTIONAL_ROWS and results[key] is None:
+            continue
         lines.append(f"| {label.format(bkg=results['bkg_thre'], best=best)} | {split} | {_pct(results[key])} |")
         if key == "pseudo_label_labelled_miou" and results["pseudo_label_coverage"] is not None:
             coverage = f"{100 * results['pseudo_label_coverage']:.1f}%"

@@ -482,6 +482,7 @@ RESUME_MAY_CHANGE = (
     "eval",
     "crf",
     "pseudo",
+    "rw",  # the random walk of the pseudo labels (an inference tool's)
 )
 # Marks a key that only one of two compared configs has (a checkpoint from before the key existed, say).
 ABSENT = "(absent)"

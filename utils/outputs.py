@@ -230,7 +230,7 @@ def _copy_hint(recorded: Any, current: Any) -> str:
 def check_settings(folder: Path, settings: Mapping[str, Any], write: bool, shared: bool = False) -> None:
     """Refuse to resume into ``folder`` when its outputs were made with other settings.
 
-    The tools skip ids whose output exists; without this check, changing e.g. ``pseudo.par`` and re-running would
+    The tools skip ids whose output exists; without this check, changing e.g. ``pseudo.refine`` and re-running would
     silently mix old and new outputs. ``folder/settings.json`` records the settings of the run that claimed the
     folder, created exclusively (:func:`create_json_exclusively`: of machines racing to claim a shared folder, one
     wins and the others compare with its record). A folder whose recorded settings differ (or cannot be read) but
