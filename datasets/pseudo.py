@@ -148,6 +148,7 @@ class PseudoLabelDataset(Dataset):
         read_soft: reads a soft label file (required for ``soft``).
         workers: processes for the start-up check of many files.
         key: the config key of ``labels_dir``, named in the errors (``irn.relations`` for IRN's relation labels).
+        maker: how to make missing label files, for the error that lists them.
 
     Raises:
         FileNotFoundError: the folder or some label files are missing (named, with their count).
@@ -170,6 +171,7 @@ class PseudoLabelDataset(Dataset):
         read_soft: SoftReader | None = None,
         workers: int = 0,
         key: str = "stage2.labels",
+        maker: str = "tools.make_pseudo_labels on that split, pseudo.soft=true for soft labels",
     ) -> None:
         if target not in TARGETS:
             raise InputError(f"stage2.target must be one of {TARGETS}, got {target!r}")
@@ -186,15 +188,14 @@ class PseudoLabelDataset(Dataset):
         if missing:
             raise FileNotFoundError(
                 f"{self.key}: {len(missing)} of the {len(self.ids)} training image(s) have no {target} pseudo label "
-                f"{self.folder}/<id>{suffix}: {preview(missing)} (make them with tools.make_pseudo_labels on that "
-                "split, pseudo.soft=true for soft labels)"
+                f"{self.folder}/<id>{suffix}: {preview(missing)} (make them with {maker})"
             )
         self.label_paths = [self.folder / f"{name}{suffix}" for name in self.ids]
         self.max_classes = self._check_files(int(workers))
 
     def _label_folder(self, folder: Path) -> Path:
         if not folder.is_dir():
-            raise FileNotFoundError(f"{self.key}: pseudo-label folder {folder} not found")
+            raise FileNotFoundError(f"{self.key}: label folder {folder} not found")
         if self.target == "soft" and (folder / "soft").is_dir():
             return folder / "soft"
         return folder

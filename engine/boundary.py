@@ -37,7 +37,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.affinity import PairIndex, pair_index, pair_labels, path_max_affinity
 from datasets import build_dataset, collate_eval
-from datasets.base import scan_ids
 from datasets.pseudo import PseudoLabelDataset
 from engine.inference import autocast
 from losses import AffinityLoss, TermSchedule
@@ -47,7 +46,6 @@ from utils.checkpoint import unwrap
 from utils.config import ConfigError
 from utils.logging import progress_bar
 from utils.metrics import all_reduce_array
-from utils.text import preview
 from utils.visualize import overlay, side_by_side
 
 logger = logging.getLogger(__name__)
@@ -190,25 +188,12 @@ class BoundaryTask:
         images = build_dataset(self.cfg, split, "eval")
         if mode != "train":
             return images
-        if not self.relations.is_dir():
-            raise FileNotFoundError(
-                f"irn.relations: relation-label folder {self.relations} not found (make it with tools.make_relations "
-                f"on data.train_split={split})"
-            )
-        present = scan_ids(self.relations, ".png")
-        missing = [name for name in images.ids if name not in present]
-        if missing:
-            raise FileNotFoundError(
-                f"irn.relations: {len(missing)} of the {len(images.ids)} training image(s) of {split} have no relation "
-                f"label {self.relations}/<id>.png: {preview(missing)} (make them with tools.make_relations on that "
-                "split)"
-            )
         data = self.cfg.data
         # the split's ids and image files; its masks, when it has any, are never targets here
         return PseudoLabelDataset(
             images.ids, images.image_paths, self.relations, "hard", int(data.num_classes), int(data.crop_size),
             [float(v) for v in data.scale_range], ignore_index=self.ignore_index, workers=int(data.num_workers),
-            key="irn.relations",
+            key="irn.relations", maker=f"tools.make_relations --run-dir RUN eval.split={split}",
         )  # fmt: skip
 
     def build_model(self) -> nn.Module:

@@ -271,6 +271,28 @@ def build_boundary_model(cfg: Any) -> BoundaryNet:
     return _from_config(cfg, bool(cfg.model.pretrained), cfg.model.weights)
 
 
+def boundary_checkpoint(source: str | Path) -> Path:
+    """The checkpoint file ``rw.checkpoint`` names: the file itself, or an IRN run folder's ``checkpoints/last.pth``.
+
+    Raises:
+        FileNotFoundError: neither exists (naming ``rw.checkpoint``).
+    """
+    source = Path(source).expanduser()
+    if source.is_dir():
+        path = checkpoint_dir(source) / LAST
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"rw.checkpoint={source}: no {LAST} in {checkpoint_dir(source)}; train the boundary network into "
+                "that folder first (task=irn), or name a checkpoint file"
+            )
+        return path
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"rw.checkpoint={source}: not found (an IRN run folder, or one of its checkpoint files)"
+        )
+    return source
+
+
 def load_boundary_net(source: str | Path, device: torch.device | str = "cpu") -> BoundaryNet:
     """A trained boundary network in eval mode on ``device`` (``rw.checkpoint``).
 
@@ -286,22 +308,13 @@ def load_boundary_net(source: str | Path, device: torch.device | str = "cpu") ->
         CheckpointError: the checkpoint is damaged or holds another network.
     """
     source = Path(source).expanduser()
+    path = boundary_checkpoint(source)
+    payload = read_checkpoint(path)
     if source.is_dir():
-        path = checkpoint_dir(source) / LAST
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"rw.checkpoint={source}: no {LAST} in {checkpoint_dir(source)}; train the boundary network into "
-                "that folder first (task=irn), or name a checkpoint file"
-            )
-        payload, cfg = read_checkpoint(path), load_run_config(source)
-    elif source.is_file():
-        path, payload = source, read_checkpoint(source)
+        cfg = load_run_config(source)
+    else:
         saved = payload.get("config")
         cfg = OmegaConf.create(saved) if saved else load_run_config(source.parent.parent)
-    else:
-        raise FileNotFoundError(
-            f"rw.checkpoint={source}: not found (an IRN run folder, or one of its checkpoint files)"
-        )
     _check_irn_run(cfg, source)
     model = _from_config(cfg, pretrained=False, weights=None)  # the checkpoint holds every weight
     load_model_state(model, payload["model"], str(path))

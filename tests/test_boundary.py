@@ -194,7 +194,10 @@ def test_irn_relations_unset_is_a_config_error_naming_the_key(voc_root, tmp_path
     line = user_error_line(train.main, _args(voc_root, tmp_path / "run", None), capsys)
     assert "irn.relations must be set" in line
     line = user_error_line(train.main, _args(voc_root, tmp_path / "run2", tmp_path / "nowhere"), capsys)
-    assert "irn.relations: relation-label folder" in line and "nowhere" in line
+    assert "irn.relations: label folder" in line and "nowhere" in line
+    (tmp_path / "empty").mkdir()
+    line = user_error_line(train.main, _args(voc_root, tmp_path / "run3", tmp_path / "empty"), capsys)
+    assert line.startswith("error: irn.relations:") and "make them with tools.make_relations" in line
 
 
 def test_build_model_dispatches_task_irn(voc_root, tmp_path):

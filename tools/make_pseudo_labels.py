@@ -71,9 +71,10 @@ from core.pseudo_labels import (
 )
 from core.random_walk import propagate
 from datasets import build_dataset
+from models.boundary import boundary_checkpoint, load_boundary_net
 from models.par import PAR
 from utils import dist
-from utils.checkpoint import LAST, checkpoint_dir, read_seal
+from utils.checkpoint import read_seal
 from utils.config import REFINERS, ConfigError
 from utils.crf import CRFPool, crf_params
 from utils.io import atomic_write_json, read_image, save_label_png, save_npz
@@ -186,24 +187,6 @@ def pseudo_folder(cfg: DictConfig, opts: Options) -> str:
     return FOLDER_RW if opts.rw else FOLDER
 
 
-def boundary_checkpoint(source: str | Path) -> Path:
-    """The checkpoint file ``rw.checkpoint`` names: the file itself, or an IRN run folder's final checkpoint
-    (``<folder>/checkpoints/last.pth``), the file ``models.boundary.load_boundary_net`` loads.
-
-    Raises:
-        FileNotFoundError: neither exists; the message names ``rw.checkpoint``.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = checkpoint_dir(path) / LAST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"rw.checkpoint={source}: no boundary-network checkpoint {path} (give an IRN run folder, which holds "
-            f"checkpoints/{LAST}, or a checkpoint file; train one with task: irn)"
-        )
-    return path
-
-
 def boundary_identity(path: Path) -> dict[str, Any]:
     """The boundary network's identity in ``settings.json``: ``{"sha256", "bytes"}`` of its checkpoint's content.
 
@@ -222,14 +205,6 @@ def boundary_identity(path: Path) -> dict[str, Any]:
                 hasher.update(chunk)
         digest = hasher.hexdigest()
     return {"sha256": digest, "bytes": path.stat().st_size}
-
-
-def load_boundary_net(source: str | Path, device: torch.device) -> torch.nn.Module:
-    """``models.boundary.load_boundary_net``: the trained network in eval mode on ``device`` (imported here, so runs
-    without ``rw`` never import timm's ResNets)."""
-    from models.boundary import load_boundary_net as load
-
-    return load(source, device)
 
 
 def settings(cfg: DictConfig, opts: Options, boundary: dict[str, Any] | None = None) -> dict:
