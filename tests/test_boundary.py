@@ -5,6 +5,9 @@ loaded back for the random walk, the validation metric's known answers)."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ from utils.errors import InputError
 from utils.io import read_label_png, save_label_png
 from utils.logging import read_metrics
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ("irn.backbone=resnet10t", "irn.radius=3", "irn.branch_channels=8", "data.crop_size=32",
         "train.batch_size=2", "train.log_every=1", "run.num_threads=1")  # fmt: skip
 
@@ -272,3 +276,21 @@ def test_the_trained_network_loads_from_its_run_folder_or_checkpoint_for_the_ran
     save_checkpoint(other / "checkpoints" / "last.pth", model=torch.nn.Linear(1, 1), step=1)
     with pytest.raises(ConfigError, match=r"rw\.checkpoint=.*msfc is not an IRN run \(its config says task=msfc\)"):
         load_boundary_net(other)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("detach", ["true", "false"])
+def test_two_gloo_processes_train_the_boundary_network_with_identical_weights(voc_root, relations, tmp_path, detach):
+    """DDP over 2 processes, with the IRN recipe's detached backbone and with the demo's trained one: the trainer's
+    rank check at the final checkpoint finds every parameter and buffer equal."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tools.train",
+               *_args(voc_root, out, relations, "train.max_iters=2", "train.ckpt_every=2",
+                      f"irn.detach_backbone={detach}")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_metrics(out / "metrics.jsonl", kind="sync") == [
+        {"step": 2, "kind": "sync", "ranks_identical": True, "world_size": 2}
+    ]
+    assert "global batch 4 (2 per process x 1 accumulation x 2)" in (out / "train.log").read_text()
