@@ -14,8 +14,8 @@ Reads ``RUN/eval/*_<split>.json`` (written by ``tools.evaluate``), the outputs' 
 made them) and ``RUN/metrics.jsonl``, and writes ``RUN/results/``: ``results.json`` (keys ``cam_split``,
 ``seg_split``, ``checkpoint``, ``cam_checkpoint``, ``seg_checkpoint``, ``cam_miou``, ``cam_aux_miou``,
 ``cam_best_threshold``, ``cam_best_miou``, ``pseudo_label_miou``, ``pseudo_label_labelled_miou``,
-``pseudo_label_coverage``, ``pseudo_label_rw_miou``, ``pseudo_label_rw_labelled_miou`` (the random-walk pseudo labels
-of ``tools.make_pseudo_labels pseudo.refine=[rw]``; their rows appear only when they were evaluated), ``seg_miou``,
+``pseudo_label_coverage``, ``pseudo_label_rw_miou`` (the random-walk pseudo labels of ``tools.make_pseudo_labels
+pseudo.refine=[rw]``; its row appears only when they were evaluated), ``seg_miou``,
 ``seg_crf_miou``, ``train_seconds``, ``seconds``, ...; a stage that was not evaluated is null; with a second-stage
 run in ``RUN/stage2`` also ``stage2_run``, ``stage2_seg_miou`` and ``stage2_seg_crf_miou``, read from its eval files
 on the same split), ``results.md`` (the protocol table), the CAM threshold-sweep plot, the segmentation overlays and
@@ -54,8 +54,6 @@ ROWS = (
      "pseudo labels, labelled pixels only"),
     ("pseudo_label_rw_miou", "cam", "pseudo_labels_rw_{split}.json", "miou",
      "pseudo labels + RW (random walk, IRN boundary network)"),
-    ("pseudo_label_rw_labelled_miou", "cam", "pseudo_labels_rw_{split}.json", "labelled_miou",
-     "pseudo labels + RW, labelled pixels only"),
     ("seg_miou", "seg", "seg_{split}.json", "miou", "segmentation head"),
     ("seg_crf_miou", "seg", "seg_crf_{split}.json", "miou", "segmentation head + DenseCRF"),
     # last and apart: its threshold was chosen on the very masks it is scored against
@@ -63,8 +61,8 @@ ROWS = (
      "CAM at the sweep's best threshold ({best}): " + ORACLE),
 )  # fmt: skip
 # rows of an optional stage, shown only when it was evaluated (its eval file exists): the random walk needs an IRN
-# boundary network, which a run need not have
-OPTIONAL_ROWS = ("pseudo_label_rw_miou", "pseudo_label_rw_labelled_miou")
+# boundary network, which a run need not have. Walked labels have no ignore band, so no labelled-only row.
+OPTIONAL_ROWS = ("pseudo_label_rw_miou",)
 # results key of the number of images scored, and the eval files that record it, in order of preference
 NUM_IMAGES = {"cam": ("cams_{split}.json", "cams_aux_{split}.json", "pseudo_labels_{split}.json"),
               "seg": ("seg_{split}.json", "seg_crf_{split}.json")}  # fmt: skip
