@@ -63,6 +63,17 @@ def test_dense_crf_handles_zero_probabilities() -> None:
     assert np.isfinite(refined).all()
 
 
+def test_dense_crf_takes_read_only_and_strided_inputs() -> None:
+    image, prob, _ = _two_region_case(2)
+    expected = dense_crf(image, prob, iters=2)
+    frozen_image, frozen_prob = image.copy(), prob.copy()
+    frozen_image.setflags(write=False)
+    frozen_prob.setflags(write=False)
+    np.testing.assert_array_equal(dense_crf(frozen_image, frozen_prob, iters=2), expected)
+    strided = np.ascontiguousarray(image[:, ::-1])[:, ::-1]  # the same pixels, a negative-stride view
+    np.testing.assert_array_equal(dense_crf(strided, prob, iters=2), expected)
+
+
 def test_dense_crf_rejects_bad_input() -> None:
     image, prob, _ = _two_region_case(2)
     with pytest.raises(TypeError, match="uint8"):

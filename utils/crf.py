@@ -82,10 +82,10 @@ def dense_crf(
     crf = dcrf.DenseCRF2D(width, height, num_classes)
     crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
-    # pydensecrf reads the image buffer directly: it must be C-contiguous uint8.
-    crf.addPairwiseBilateral(
-        sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image), compat=bilateral_compat
-    )
+    # pydensecrf reads the image buffer directly: it must be C-contiguous uint8, and writable (its typed memoryview
+    # refuses a read-only buffer, e.g. a memory-mapped or shared array), so such an image is copied
+    rgb = image if image.flags.c_contiguous and image.flags.writeable else np.array(image, order="C")
+    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=rgb, compat=bilateral_compat)
     marginals = crf.inference(iters)
     return np.asarray(marginals, dtype=np.float32).reshape(num_classes, height, width)
 
