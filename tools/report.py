@@ -3,7 +3,8 @@
     python -m tools.report --run-dir RUN [--seconds S] [key=value ...]
     python -m tools.report --print-splits --run-dir RUN [key=value ...]     prints "CAM_SPLIT SEG_SPLIT"
     python -m tools.report --print-task --run-dir RUN                       prints "msfc" or "stage2"
-    python -m tools.report --compare RUN [RUN ...] [--out FILE.md]         one row per run (scripts/ablate.sh)
+    python -m tools.report --compare RUN [RUN ...] [--out FILE.md] [--curves OUT.png]
+                                          one row per run, or per config over its seeds (scripts/ablate.sh)
 
 The protocol of SPEC §8 scores CAMs, aux-CAMs and pseudo labels on ``eval.cam_split`` (VOC train, 1,464 images; COCO
 val; null = the segmentation split) and the segmentation head on ``eval.split`` (null = ``data.val_split``), at the
@@ -22,6 +23,8 @@ on the same split), ``results.md`` (the protocol table), the CAM threshold-sweep
 ``per_class_iou.png``: grouped bars of every class's IoU for CAM and pseudo labels (and the random-walk ones when
 evaluated; on the CAM split) and the segmentation head without and with DenseCRF (on the segmentation split), read
 from the same eval files, with the numbers it draws in ``per_class_iou.json``.
+
+``--compare`` and ``--curves`` (several runs side by side, seeds grouped) are ``tools/compare_runs.py``'s.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from utils.config import add_config_arguments, config_from_args, load_run_config
+from utils.config import add_config_arguments, config_from_args
 from utils.errors import InputError, exit_on_user_error
 from utils.io import atomic_write_json, atomic_write_text
 from utils.logging import read_metrics, setup_logging
@@ -159,7 +162,7 @@ def collect(cfg: DictConfig, seconds: float | None = None) -> dict[str, Any]:
     results["cam_best_threshold"] = found["cam"]["cam_best_threshold"]
     results["cam_best_note"] = ORACLE
     results["pseudo_label_coverage"] = found["cam"]["pseudo_label_coverage"]
-    results["train_iterations"], results["train_seconds"] = _training(run)
+    results["train_iterations"], results["train_seconds"] = training_record(run)
     # a second stage trained on this run's pseudo labels (scripts/demo.sh: RUN/stage2), scored on the same split
     stage2 = run / STAGE2_DIR
     found2 = split_results(stage2, seg) if (stage2 / "config.yaml").is_file() else {}
@@ -169,7 +172,7 @@ def collect(cfg: DictConfig, seconds: float | None = None) -> dict[str, Any]:
     return results
 
 
-def _training(run: Path) -> tuple[int | None, float | None]:
+def training_record(run: Path) -> tuple[int | None, float | None]:
     """(iterations, seconds) of the last training record in ``run/metrics.jsonl``."""
     train = read_metrics(run / "metrics.jsonl", kind="train") if (run / "metrics.jsonl").is_file() else []
     return (train[-1]["step"], train[-1].get("seconds")) if train else (None, None)
@@ -287,41 +290,6 @@ def write_report(cfg: DictConfig, seconds: float | None = None) -> Path:
     return out
 
 
-# compared per split (the protocol's CAM split, then the segmentation split), then segmentation on its split
-COMPARED_CAM = (("cam_miou", "CAM"), ("cam_aux_miou", "aux-CAM"), ("cam_best_miou", "CAM, GT-tuned threshold"))
-
-
-def compare(run_dirs: list[Path]) -> str:
-    """A markdown table with one row per run (its folder name): CAM mIoUs on the protocol's CAM split and on the
-    segmentation split (both, once if they are the same), segmentation mIoU, training time. The splits are those of
-    the first run's config; every run is read on the same splits."""
-    cam_split, seg = protocol_splits(load_run_config(run_dirs[0], [f"run.out_dir={run_dirs[0]}"]))
-    splits = [cam_split] if cam_split == seg else [cam_split, seg]
-    columns = [(split, key, f"{label} ({split})") for split in splits for key, label in COMPARED_CAM]
-    columns.append((seg, "seg_miou", f"segmentation ({seg})"))
-    lines = ["| run | " + " | ".join(label for *_, label in columns) + " | training time |",
-             "|---" * (len(columns) + 2) + "|"]  # fmt: skip
-    for run in run_dirs:
-        cfg = load_run_config(run, [f"run.out_dir={run}"])
-        found = {split: split_results(run, split) for split in splits}
-        cells = []
-        for split, key, _ in columns:
-            if key == "seg_miou" and float(cfg.loss.weight.seg) == 0:  # the decoder was never trained
-                cells.append("no seg head")
-            else:
-                value = found[split][key]
-                cells.append("n/a" if value is None else f"{100 * value:.1f}")
-        seconds = _training(run)[1]
-        lines.append(
-            f"| {run.name} | " + " | ".join(cells) + f" | {'n/a' if seconds is None else f'{seconds:.0f} s'} |"
-        )
-    lines += [
-        "",
-        f'mIoU in %; CAM and aux-CAM at cam.bkg_thre; "CAM, GT-tuned threshold" = the sweep\'s best ({ORACLE}).',
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=None, help="wall time of the whole pipeline, to record")
@@ -330,15 +298,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the run's task (msfc | stage2: a second-stage run, no CAMs) and exit")  # fmt: skip
     parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN", help="tabulate several runs")
     parser.add_argument("--out", type=Path, default=None, help="with --compare: also write the table here")
+    parser.add_argument("--curves", type=Path, default=None, metavar="OUT.png",
+                        help="with --compare: also plot the runs' validation mIoUs during training here")  # fmt: skip
     add_config_arguments(parser)
     args = parser.parse_args(argv)
+    if args.curves is not None and not args.compare:
+        parser.error("--curves needs --compare RUN [RUN ...]")
 
     def body() -> int:
         if args.compare:
+            from tools.compare_runs import compare, curves_message, write_curves  # which imports this module
+
             table = compare(args.compare)
             if args.out:
                 atomic_write_text(args.out, table)
             print(table, end="")
+            if args.curves is not None:
+                print(curves_message(write_curves(args.compare, args.curves)), end="")
             return 0
         cfg = config_from_args(args)
         if args.print_splits:
