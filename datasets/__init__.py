@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from datasets.base import Layout, SegmentationDataset, collate_eval
 from datasets.coco import COCO_LAYOUT
+from datasets.pseudo import PseudoLabelDataset
 from datasets.transforms import TrainTransform
 from datasets.voc import VOC_LAYOUT
 from utils.config import ConfigError
@@ -20,7 +22,16 @@ from utils.dist import barrier, is_main_process
 
 LAYOUTS: dict[str, Layout] = {"voc": VOC_LAYOUT, "coco": COCO_LAYOUT}
 
-__all__ = ["LAYOUTS", "Layout", "SegmentationDataset", "TrainTransform", "build_dataset", "collate_eval"]
+__all__ = [
+    "LAYOUTS",
+    "Layout",
+    "PseudoLabelDataset",
+    "SegmentationDataset",
+    "TrainTransform",
+    "build_dataset",
+    "build_label_dataset",
+    "collate_eval",
+]
 
 
 @contextlib.contextmanager
@@ -78,3 +89,21 @@ def build_dataset(cfg: DictConfig, split: str, mode: str) -> SegmentationDataset
             max_images=data.max_images,
             workers=int(data.num_workers),
         )
+
+
+def build_label_dataset(
+    cfg: DictConfig, split: str, labels_dir: str | Path, target: str, **kwargs: Any
+) -> PseudoLabelDataset:
+    """The images of ``split`` with labels of their own from ``labels_dir`` (pseudo labels for stage 2, relation labels
+    for IRN), as training crops of ``data.crop_size`` / ``data.scale_range``: ``datasets.pseudo.PseudoLabelDataset``
+    over the split's ids and image files (its masks, when it has any, are never targets).
+
+    ``kwargs`` go to ``PseudoLabelDataset`` (``read_soft``, ``key``, ``maker``, ...).
+    """
+    data = cfg.data
+    images = build_dataset(cfg, split, "eval")
+    return PseudoLabelDataset(
+        images.ids, images.image_paths, labels_dir, target, int(data.num_classes), int(data.crop_size),
+        [float(v) for v in data.scale_range], ignore_index=int(data.ignore_index), workers=int(data.num_workers),
+        **kwargs,
+    )  # fmt: skip

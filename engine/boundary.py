@@ -36,8 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.affinity import PairIndex, pair_index, pair_labels, path_max_affinity
-from datasets import build_dataset, collate_eval
-from datasets.pseudo import PseudoLabelDataset
+from datasets import build_dataset, build_label_dataset, collate_eval
 from engine.inference import autocast
 from losses import AffinityLoss, TermSchedule
 from models import build_model
@@ -185,16 +184,10 @@ class BoundaryTask:
         return f"IRN boundary network {irn.backbone} ({backbone} backbone) on relation labels {self.relations}"
 
     def dataset(self, split: str, mode: str) -> Dataset:
-        images = build_dataset(self.cfg, split, "eval")
         if mode != "train":
-            return images
-        data = self.cfg.data
-        # the split's ids and image files; its masks, when it has any, are never targets here
-        return PseudoLabelDataset(
-            images.ids, images.image_paths, self.relations, "hard", int(data.num_classes), int(data.crop_size),
-            [float(v) for v in data.scale_range], ignore_index=self.ignore_index, workers=int(data.num_workers),
-            key="irn.relations", maker=f"tools.make_relations --run-dir RUN eval.split={split}",
-        )  # fmt: skip
+            return build_dataset(self.cfg, split, "eval")
+        return build_label_dataset(self.cfg, split, self.relations, "hard", key="irn.relations",
+                                   maker=f"tools.make_relations --run-dir RUN eval.split={split}")  # fmt: skip
 
     def build_model(self) -> nn.Module:
         return build_model(self.cfg)

@@ -32,8 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.pseudo_labels import load_soft_label
-from datasets import build_dataset, collate_eval
-from datasets.pseudo import PseudoLabelDataset
+from datasets import build_dataset, build_label_dataset, collate_eval
 from engine.inference import autocast, predict_seg_logits
 from losses import HardCrossEntropy, SoftCrossEntropy, TermSchedule
 from models import build_model
@@ -147,16 +146,10 @@ class Stage2Task:
         return f"stage 2 {s.arch} / {s.encoder} on {self.target} pseudo labels ({self.labels})"
 
     def dataset(self, split: str, mode: str) -> Dataset:
-        images = build_dataset(self.cfg, split, "eval")
         if mode != "train":
-            return images
-        data = self.cfg.data
-        # the split's ids and image files; its masks, when it has any, are never targets here
-        return PseudoLabelDataset(
-            images.ids, images.image_paths, self.labels, self.target, int(data.num_classes), int(data.crop_size),
-            [float(v) for v in data.scale_range], ignore_index=int(data.ignore_index),
-            read_soft=partial(read_soft_compact, num_classes=int(data.num_classes)), workers=int(data.num_workers),
-        )  # fmt: skip
+            return build_dataset(self.cfg, split, "eval")
+        read_soft = partial(read_soft_compact, num_classes=int(self.cfg.data.num_classes))
+        return build_label_dataset(self.cfg, split, self.labels, self.target, read_soft=read_soft)
 
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg)

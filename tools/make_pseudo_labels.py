@@ -70,7 +70,7 @@ from core.pseudo_labels import (
     stack_probabilities,
 )
 from core.random_walk import propagate
-from datasets import build_dataset
+from datasets import SegmentationDataset, build_dataset
 from models.boundary import boundary_checkpoint, load_boundary_net
 from models.par import PAR
 from utils import dist
@@ -287,6 +287,15 @@ def cam_folder(cfg: DictConfig, split: str, ids: list[str], shard: Shard | None 
     return folder
 
 
+def cam_inputs(cfg: DictConfig) -> tuple[str, SegmentationDataset, Shard, Path]:
+    """What a tool reading ``RUN/cams`` starts from: ``(split, its eval dataset, this machine's shard, the CAM folder
+    checked by :func:`cam_folder`)``; every rank calls it (``build_dataset``)."""
+    split = split_name(cfg)
+    dataset = build_dataset(cfg, split, "eval")
+    shard = Shard.from_config(cfg)
+    return split, dataset, shard, cam_folder(cfg, split, dataset.ids, shard)
+
+
 class Pipeline:
     """CAM file (→ random walk) (→ stacks → PAR) (→ DenseCRF) → hard label (+ soft label), one image at a time.
 
@@ -386,11 +395,8 @@ def make_pseudo_labels(cfg: DictConfig) -> dict:
     device = dist.init_distributed(cfg.run.device, int(cfg.run.num_threads))
     rank = dist.get_rank()
     setup_logging(cfg.run.out_dir, rank, "make_pseudo_labels.log")
-    split = split_name(cfg)
-    dataset = build_dataset(cfg, split, "eval")
+    split, dataset, shard, cams = cam_inputs(cfg)
     ids = dataset.ids
-    shard = Shard.from_config(cfg)
-    cams = cam_folder(cfg, split, ids, shard)
     boundary_net, identity = None, None
     if opts.walk is not None:
         if cfg.pseudo.dual:

@@ -38,15 +38,14 @@ from omegaconf import DictConfig
 from core.camfile import CAM_KEYS, read_cams
 from core.pseudo_labels import check_image
 from core.relations import combine_relations, relation_unaries
-from datasets import build_dataset
-from tools.make_pseudo_labels import cam_folder
+from tools.make_pseudo_labels import cam_inputs
 from utils import dist
 from utils.config import ConfigError
 from utils.crf import CRFPool
 from utils.errors import InputError
 from utils.io import read_image, save_label_png
 from utils.logging import progress_bar, setup_logging
-from utils.outputs import SETTINGS_FILE, Shard, output_dir, pending_indices, prepare_outputs, run_tool, split_name
+from utils.outputs import SETTINGS_FILE, output_dir, pending_indices, prepare_outputs, run_tool
 
 logger = logging.getLogger("tools.make_relations")
 
@@ -155,11 +154,8 @@ def make_relations(cfg: DictConfig) -> dict:
     dist.init_distributed(cfg.run.device, int(cfg.run.num_threads))
     rank = dist.get_rank()
     setup_logging(cfg.run.out_dir, rank, "make_relations.log")
-    split = split_name(cfg)
-    dataset = build_dataset(cfg, split, "eval")
+    split, dataset, shard, cams = cam_inputs(cfg)
     ids = dataset.ids
-    shard = Shard.from_config(cfg)
-    cams = cam_folder(cfg, split, ids, shard)
     folder = output_dir(cfg, "relations", split)
     prepare_outputs([(folder, settings(cfg, opts, split))], started, shard, ids)
     todo, skipped = pending_indices(ids, folder, ".png", shard)
