@@ -412,7 +412,7 @@ def test_compare_refuses_a_seed_twice_and_notes_runs_that_differ_in_more_than_th
     notes = table.splitlines()[-2:]
     assert notes[0] == f"note: {stray} records run.seed=2, not the 7 of its folder name."
     assert notes[1] == (f"note: {other} differs from {first} (both averaged in full): "
-                        "data.root: '/unused' -> '/elsewhere'; loss.weight.seg: 0.3 -> 0.2.")  # fmt: skip
+                        "data.root: '/unused' -> '/elsewhere'; loss.weight.seg: 0.1 -> 0.2.")  # fmt: skip
     assert "| full | 3 | 61.0 ± 1.4 (n=2) |" in table  # still averaged (the stray one has no CAM): a note, no error
 
 
