@@ -9,7 +9,7 @@ from torch import nn
 NORM_EPS = 1e-5
 
 
-SMC_REDUCTIONS = ("all_terms", "group_sum")
+SMC_REDUCTIONS = ("all_terms", "group_sum", "to_main")
 
 
 class MultiViewContrast(nn.Module):
@@ -26,7 +26,9 @@ class MultiViewContrast(nn.Module):
     - `reduction="group_sum"`: `mean_v m(CAM_v, sg(CAM_main)) + mean_{v<w} m(CAM_v, CAM_w)`, the pair group being 0
       for a single view. For V = 3 both groups have 3 terms, so this is exactly twice `all_terms`.
 
-    With V = 1 both reductions give the single view-vs-main term. With no present class inside any box there is
+    - `reduction="to_main"` (a diagnosis of issue 11, not published): `mean_v m(CAM_v, sg(CAM_main))` only, without
+      the view-vs-view terms, whose two sides both carry gradient and are not anchored to the multi-scale CAM.
+    With V = 1 every reduction gives the single view-vs-main term. With no present class inside any box there is
     nothing to compare and the loss is a zero connected to `view_cams`.
 
     forward(view_cams [V, B, C_fg, h, w], main_cam [B, C_fg, h, w], labels [B, C_fg], valid [B, h, w]) -> scalar
@@ -36,7 +38,8 @@ class MultiViewContrast(nn.Module):
         """Create the loss.
 
         Args:
-            reduction: `all_terms` (one mean over every term, SPEC §4.4) or `group_sum` (sum of the two group means).
+            reduction: `all_terms` (one mean over every term, SPEC §4.4), `group_sum` (sum of the two group means) or
+                `to_main` (the mean of the view-vs-main terms only).
         """
         super().__init__()
         if reduction not in SMC_REDUCTIONS:
@@ -78,6 +81,8 @@ class MultiViewContrast(nn.Module):
         between = [masked_mean(views[v] - views[u]) for v in range(num_views) for u in range(v + 1, num_views)]
         if self.reduction == "all_terms":
             return torch.stack(to_main + between).mean()
+        if self.reduction == "to_main":
+            return torch.stack(to_main).mean()
         pair_mean = torch.stack(between).mean() if between else views.sum() * 0.0
         return torch.stack(to_main).mean() + pair_mean
 

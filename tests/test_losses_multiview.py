@@ -77,6 +77,8 @@ def test_known_answer_three_views() -> None:
     assert group_sum.item() == pytest.approx(sum(to_main) / 3 + sum(pairs) / 3, rel=1e-6)
     # Both groups hold 3 terms when V = 3, so the group sum is exactly twice the single mean.
     assert group_sum.item() == pytest.approx(2 * all_terms.item(), rel=1e-6)
+    to_main_only = MultiViewContrast(reduction="to_main")(views, main, labels, valid)
+    assert to_main_only.item() == pytest.approx(sum(to_main) / 3, rel=1e-6)
 
 
 def test_known_answer_two_views_is_not_half_the_group_sum() -> None:
@@ -88,7 +90,7 @@ def test_known_answer_two_views_is_not_half_the_group_sum() -> None:
     assert group_sum.item() == pytest.approx((m0 + m1) / 2 + m01, rel=1e-6)
 
 
-@pytest.mark.parametrize("reduction", ["all_terms", "group_sum"])
+@pytest.mark.parametrize("reduction", ["all_terms", "group_sum", "to_main"])
 def test_single_view_is_the_view_to_main_term(reduction: str) -> None:
     views, main, labels, valid = random_case(1, seed=2)
     (m0,), pairs = smc_terms(views, main, labels, valid)
@@ -102,11 +104,12 @@ def test_single_view_is_the_view_to_main_term(reduction: str) -> None:
 # To main: view 0 (|a−1| + 0)/2, view 1 (1 + b)/2. Between the single pair: (|a − 0| + |0 − b|)/2 = (a + b)/2.
 # all_terms: ((1 − a)/2 + (1 + b)/2 + (a + b)/2) / 3 = (1 + b)/3.
 # group_sum: ((1 − a)/2 + (1 + b)/2)/2 + (a + b)/2 = (2 − a + b)/4 + (a + b)/2.
+# to_main: ((1 − a)/2 + (1 + b)/2)/2 = (2 − a + b)/4.
 A, B = 1 / (1 + EPS), 2 / (2 + EPS)
-SIMPLE_EXPECTED = {"all_terms": (1 + B) / 3, "group_sum": (2 - A + B) / 4 + (A + B) / 2}
+SIMPLE_EXPECTED = {"all_terms": (1 + B) / 3, "group_sum": (2 - A + B) / 4 + (A + B) / 2, "to_main": (2 - A + B) / 4}
 
 
-@pytest.mark.parametrize("reduction", ["all_terms", "group_sum"])
+@pytest.mark.parametrize("reduction", ["all_terms", "group_sum", "to_main"])
 def test_known_answer_simple_disagreement(reduction: str) -> None:
     views = torch.tensor([[1.0, -3.0], [0.0, 2.0]]).reshape(2, 1, 1, 1, 2)
     main = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
@@ -114,7 +117,7 @@ def test_known_answer_simple_disagreement(reduction: str) -> None:
     assert loss.item() == pytest.approx(SIMPLE_EXPECTED[reduction], rel=1e-6)
 
 
-@pytest.mark.parametrize("reduction", ["all_terms", "group_sum"])
+@pytest.mark.parametrize("reduction", ["all_terms", "group_sum", "to_main"])
 def test_only_present_classes_inside_the_box_count(reduction: str) -> None:
     # The same disagreement as above on the valid pixels, plus an absent class and an out-of-box column that
     # disagree wildly: the value must not change.
@@ -137,7 +140,7 @@ def test_main_cam_is_stop_gradient() -> None:
     assert torch.isfinite(views.grad).all() and views.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("reduction", ["all_terms", "group_sum"])
+@pytest.mark.parametrize("reduction", ["all_terms", "group_sum", "to_main"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_no_foreground_is_connected_zero(batch: int, reduction: str) -> None:
     views = torch.randn(4, batch, 3, 2, 2, requires_grad=True)
@@ -155,7 +158,7 @@ def test_nothing_inside_the_box_is_connected_zero() -> None:
     assert loss.item() == 0.0 and torch.equal(views.grad, torch.zeros_like(views))
 
 
-@pytest.mark.parametrize("reduction", ["all_terms", "group_sum"])
+@pytest.mark.parametrize("reduction", ["all_terms", "group_sum", "to_main"])
 def test_single_view_and_all_zero_cams_are_finite(reduction: str) -> None:
     # One view (no pairs) whose CAM is negative everywhere → ReLU gives an all-zero map, 0 / 1e-5 = 0.
     views = -torch.rand(1, 3, 1, 2, 2) - 0.1
@@ -175,5 +178,5 @@ def test_shape_errors() -> None:
 
 
 def test_invalid_reduction_names_the_allowed_values() -> None:
-    with pytest.raises(ValueError, match="reduction must be one of all_terms, group_sum, got 'mean'"):
+    with pytest.raises(ValueError, match="reduction must be one of all_terms, group_sum, to_main, got 'mean'"):
         MultiViewContrast(reduction="mean")

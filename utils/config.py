@@ -241,7 +241,7 @@ RULES: dict[str, Rule] = {
     "loss.start_iter.*": COUNT,
     "loss.ramp_iters.*": COUNT,
     "loss.ctc_temp": POSITIVE,
-    "loss.smc_reduction": _choices("all_terms", "group_sum"),
+    "loss.smc_reduction": _choices("all_terms", "group_sum", "to_main"),
     "loss.seg_cam_switch_iter": COUNT,
     "loss.reg_mode": _choices("dense", "window"),
     "loss.reg_sigma_*": POSITIVE,
