@@ -78,11 +78,11 @@ class MultiViewContrast(nn.Module):
         # The masked sums are exactly zero (and their gradient too) when the mask is empty, so no branch is needed.
         num_views = views.shape[0]
         to_main = [masked_mean(views[v] - target) for v in range(num_views)]
+        if self.reduction == "to_main":  # the view-vs-view terms are not computed at all
+            return torch.stack(to_main).mean()
         between = [masked_mean(views[v] - views[u]) for v in range(num_views) for u in range(v + 1, num_views)]
         if self.reduction == "all_terms":
             return torch.stack(to_main + between).mean()
-        if self.reduction == "to_main":
-            return torch.stack(to_main).mean()
         pair_mean = torch.stack(between).mean() if between else views.sum() * 0.0
         return torch.stack(to_main).mean() + pair_mean
 
