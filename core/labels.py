@@ -41,11 +41,14 @@ def token_labels(
     high: float,
     low: float,
     ignore_index: int = 255,
+    bg_scores: Tensor | None = None,
 ) -> Tensor:
     """Dual-threshold token labels (SPEC §2.3).
 
     With v the max over classes and c = argmax + 1: v > high → c; low < v ≤ high → ignore; v ≤ low → 0 (background);
-    tokens whose cell centre lies outside ``img_box`` → ignore.
+    tokens whose cell centre lies outside ``img_box`` → ignore. With ``bg_scores`` the background test reads
+    v_bg = the max of ``bg_scores`` instead (v_bg ≤ low → 0, where v ≤ high); the foreground test still reads v
+    (:func:`agreement_pair` gives the pair of the agreement rule).
 
     Args:
         scores: class-masked scores at token resolution, [B, C_fg, h, w] (see :func:`resize_to_tokens`).
@@ -54,6 +57,7 @@ def token_labels(
         high: foreground threshold.
         low: background threshold.
         ignore_index: label of ignored tokens.
+        bg_scores: optional [B, C_fg, h, w] scores of the background test (None: ``scores``).
 
     Returns:
         int64 [B, h, w].
@@ -63,11 +67,31 @@ def token_labels(
     if low > high:
         raise ValueError(f"token_labels: low ({low}) must not exceed high ({high})")
     value, index = scores.max(dim=1)
+    bg_value = value if bg_scores is None else _bg_value(bg_scores, scores, "token_labels")
     labels = torch.full_like(index, ignore_index)
+    labels = torch.where(bg_value <= low, torch.zeros_like(labels), labels)
     labels = torch.where(value > high, index + 1, labels)
-    labels = torch.where(value <= low, torch.zeros_like(labels), labels)
     inside = box_mask(img_box.to(scores.device), scores.shape[-2:], image_size)
     return labels.masked_fill(~inside, ignore_index)
+
+
+def agreement_pair(cam: Tensor, cam_aux: Tensor) -> tuple[Tensor, Tensor]:
+    """The two maps of the agreement label rule (``cam.label_agreement``): (min, max) of the final and auxiliary CAM.
+
+    A label rule reads its foreground test from the min (both branches are above the threshold) and its background
+    test from the max (both are at or below it); where the branches disagree the label is ignore. Published rules
+    read one map for both tests (SPEC §2.3–§2.5). Shapes: two equal [B, C, H, W] maps -> two [B, C, H, W] maps.
+    """
+    if cam.shape != cam_aux.shape:
+        raise ValueError(f"agreement_pair: cam {tuple(cam.shape)} and cam_aux {tuple(cam_aux.shape)} differ in shape")
+    return torch.minimum(cam, cam_aux), torch.maximum(cam, cam_aux)
+
+
+def _bg_value(bg_scores: Tensor, scores: Tensor, name: str) -> Tensor:
+    """Max over classes of the background-test map, [B, C, h, w] -> [B, h, w] (same shape as ``scores`` required)."""
+    if bg_scores.shape != scores.shape:
+        raise ValueError(f"{name}: the background map {tuple(bg_scores.shape)} must match {tuple(scores.shape)}")
+    return bg_scores.max(dim=1).values
 
 
 def pair_labels(labels: Tensor, ignore_index: int = 255) -> Tensor:
@@ -92,16 +116,25 @@ def pair_labels(labels: Tensor, ignore_index: int = 255) -> Tensor:
 
 
 def prototype_labels(
-    cam: Tensor, img_box: Tensor, image_size: tuple[int, int], bkg_thre: float, ignore_index: int = 255
+    cam: Tensor,
+    img_box: Tensor,
+    image_size: tuple[int, int],
+    bkg_thre: float,
+    ignore_index: int = 255,
+    bg_cam: Tensor | None = None,
 ) -> Tensor:
     """Token labels for the memory prototypes (SPEC §4.5): argmax + 1, background where max ≤ bkg_thre.
+
+    With ``bg_cam`` (the agreement rule, :func:`agreement_pair`) a token is background only where the max of
+    ``bg_cam`` is ≤ bkg_thre too; a token that is neither (the two maps disagree) is ignored.
 
     Args:
         cam: class-masked multi-scale CAM at token resolution, [B, C_fg, h, w] (see :func:`resize_to_tokens`).
         img_box: [B, 4] (y0, y1, x0, x1) in pixels of ``image_size``.
         image_size: (H, W) of the crop.
         bkg_thre: background threshold.
-        ignore_index: label of tokens outside the box.
+        ignore_index: label of tokens outside the box (and, with ``bg_cam``, of disagreeing tokens).
+        bg_cam: optional [B, C_fg, h, w] map of the background test (None: ``cam``).
 
     Returns:
         int64 [B, h, w]: 0 background, 1..C_fg class, ``ignore_index`` outside the box.
@@ -109,7 +142,10 @@ def prototype_labels(
     check_4d(cam, "prototype_labels: cam")
     check_box(img_box, cam.shape[0])
     value, index = cam.max(dim=1)
-    labels = torch.where(value > bkg_thre, index + 1, torch.zeros_like(index))
+    background = torch.zeros_like(index)
+    if bg_cam is not None:
+        background = background.masked_fill(_bg_value(bg_cam, cam, "prototype_labels") > bkg_thre, ignore_index)
+    labels = torch.where(value > bkg_thre, index + 1, background)
     inside = box_mask(img_box.to(cam.device), cam.shape[-2:], image_size)
     return labels.masked_fill(~inside, ignore_index)
 
@@ -171,6 +207,7 @@ def online_seg_labels(
     low: float,
     ignore_index: int = 255,
     most_present: int | None = None,
+    bg_cam: Tensor | None = None,
 ) -> Tensor:
     """Online segmentation pseudo labels with a dual-threshold ignore band (SPEC §2.4).
 
@@ -195,6 +232,8 @@ def online_seg_labels(
             host (the training step takes it from the loader's CPU labels); None reads it from ``labels``, which on
             CUDA is a device synchronisation. A value below the true one would drop classes (checked with
             ``MSFC_DEBUG=1``).
+        bg_cam: optional [B, C_fg, H, W] map of the second (``low``) stack, which decides background (None: ``cam``);
+            the agreement rule passes the max of CAM and CAM_aux here and their min as ``cam`` (:func:`agreement_pair`).
 
     Returns:
         int64 [B, H, W]: 0 background, 1..C_fg class, ``ignore_index`` ignored. Never an absent class.
@@ -207,13 +246,15 @@ def online_seg_labels(
     if images01.shape[0] != batch or images01.shape[-2:] != cam.shape[-2:]:
         raise ValueError(f"online_seg_labels: images01 {tuple(images01.shape)} must match cam {tuple(cam.shape)}")
     check_box(img_box, batch)
+    if bg_cam is not None and bg_cam.shape != cam.shape:
+        raise ValueError(f"online_seg_labels: bg_cam {tuple(bg_cam.shape)} must match cam {tuple(cam.shape)}")
 
     ids, valid = _present_slots(labels.to(cam.device), most_present)
     num_slots = ids.shape[1]
     index = ids[:, :, None, None].expand(-1, -1, height, width)
     stacks = []
-    for plane in (high, low):
-        full = torch.cat([torch.full_like(cam[:, :1], plane), cam], dim=1)  # [B, C, H, W], channel = class id
+    for plane, maps in ((high, cam), (low, cam if bg_cam is None else bg_cam)):
+        full = torch.cat([torch.full_like(maps[:, :1], plane), maps], dim=1)  # [B, C, H, W], channel = class id
         stacks.append(torch.gather(full, 1, index))  # [B, K, H, W]
     half = (max(1, height // 2), max(1, width // 2))
     logits = resize_bilinear(torch.cat(stacks, dim=1).float(), half)

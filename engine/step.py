@@ -84,6 +84,7 @@ class StepSettings:
     cam_precision: str  # precision of the label CAMs (label_cam_precision)
     precision: str  # train.precision: autocast of the forwards
     seg_cam_switch_iter: int
+    label_agreement: str  # cam.label_agreement: none (published) | background | both (StepContext.label_maps)
     reg_image_mode: str  # how the energy's image is downsampled: nearest (dense, published) | bilinear (window)
     use_memory: bool  # loss.weight.mem > 0: the bank accumulates from step 0 and is updated on its cadence
     memory_every: int
@@ -98,6 +99,7 @@ class StepSettings:
             cam_max_batch=int(cfg.cam.max_batch),
             cam_precision=label_cam_precision(str(cfg.cam.precision), str(cfg.train.precision)),
             precision=str(cfg.train.precision), seg_cam_switch_iter=int(cfg.loss.seg_cam_switch_iter),
+            label_agreement=str(cfg.cam.label_agreement),
             reg_image_mode="nearest" if cfg.loss.reg_mode == "dense" else "bilinear",
             use_memory=float(cfg.loss.weight.mem) > 0, memory_every=int(cfg.memory.update_every),
         )  # fmt: skip
@@ -204,6 +206,22 @@ class StepContext:
     @property
     def size(self) -> tuple[int, int]:
         return tuple(self.main.images01.shape[-2:])
+
+    @staticmethod
+    def label_maps(
+        source: torch.Tensor, other: torch.Tensor, agreement: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (foreground-test, background-test) maps of a label rule whose published map is ``source``.
+
+        ``cam.label_agreement``: ``none`` → (source, None), the published rule (one map for both tests);
+        ``background`` → (source, max(source, other)): background only where both CAMs are at or below the
+        threshold; ``both`` → (min, max) of the two (``core.labels.agreement_pair``): foreground only where both are
+        above it too. ``other`` is the other branch's CAM (CAM for CAM_aux and vice versa).
+        """
+        if agreement == "none":
+            return source, None
+        lower, upper = lablib.agreement_pair(source, other)
+        return (lower if agreement == "both" else source), upper
 
 
 class TrainStep:
@@ -315,7 +333,8 @@ class TrainStep:
     def _ptc(self, ctx: StepContext) -> torch.Tensor:
         """Patch-token contrast (§4.2) on the final tokens, token labels from CAM_aux."""
         s = self.settings
-        token_lbl = lablib.token_labels(ctx.cam_aux_tok, ctx.main.box, ctx.size, s.high, s.low, s.ignore_index)
+        fg, bg = ctx.label_maps(ctx.cam_aux_tok, ctx.cam_tok, s.label_agreement)
+        token_lbl = lablib.token_labels(fg, ctx.main.box, ctx.size, s.high, s.low, s.ignore_index, bg_scores=bg)
         return self.losses["ptc"](ctx.outs["main"].tokens, lablib.pair_labels(token_lbl, s.ignore_index))
 
     def _ctc(self, ctx: StepContext) -> torch.Tensor:
@@ -342,7 +361,8 @@ class TrainStep:
         """MP2M (§4.5): accumulate this batch's prototypes; L_mem × its adaptive weight once the bank has a class."""
         bare, main = ctx.model, ctx.outs["main"]
         s = self.settings
-        proto = lablib.prototype_labels(ctx.cam_tok, ctx.main.box, ctx.size, s.bkg, s.ignore_index)
+        fg, bg = ctx.label_maps(ctx.cam_tok, ctx.cam_aux_tok, s.label_agreement)
+        proto = lablib.prototype_labels(fg, ctx.main.box, ctx.size, s.bkg, s.ignore_index, bg_cam=bg)
         bare.memory.accumulate(main.tokens.detach().float(), proto)
         if "mem" not in ctx.active or not bare.memory.any_initialized():
             return {}
@@ -355,10 +375,13 @@ class TrainStep:
     def _seg(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Online segmentation labels (§2.4) -> balanced CE and the energy regulariser (§4.6)."""
         s, images01, box = self.settings, ctx.main.images01, ctx.main.box
-        source = ctx.cam_aux if ctx.step < s.seg_cam_switch_iter else ctx.cam
+        if ctx.step < s.seg_cam_switch_iter:  # the COCO curriculum: CAM_aux alone
+            fg, bg = ctx.cam_aux, None
+        else:
+            fg, bg = ctx.label_maps(ctx.cam, ctx.cam_aux, s.label_agreement)
         with torch.no_grad():
-            target = lablib.online_seg_labels(source, ctx.labels, images01, box, self.par, s.high, s.low,
-                                              s.ignore_index, most_present=ctx.most_present)  # fmt: skip
+            target = lablib.online_seg_labels(fg, ctx.labels, images01, box, self.par, s.high, s.low,
+                                              s.ignore_index, most_present=ctx.most_present, bg_cam=bg)  # fmt: skip
         logits = ctx.outs["main"].seg_logits.float()
         terms = {}
         if "seg" in ctx.active:

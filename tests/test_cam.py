@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.cam import box_mask, multiscale_cam, resize_to_tokens
-from core.labels import online_seg_labels, pair_labels, prototype_labels, token_labels
+from core.labels import agreement_pair, online_seg_labels, pair_labels, prototype_labels, token_labels
 from core.views import cut_crops, place_local_crops, roi_map, smcm_to_main, smcm_views
 from models.par import PAR
 from utils.syncs import count_syncs
@@ -197,6 +197,36 @@ def test_token_labels_thresholds_and_box() -> None:
     assert torch.equal(labels, expected)
 
 
+def test_agreement_pair_is_elementwise_min_and_max() -> None:
+    cam = torch.tensor([[[[0.9, 0.1], [0.5, 0.0]]]])
+    cam_aux = torch.tensor([[[[0.3, 0.6], [0.5, 1.0]]]])
+    lower, upper = agreement_pair(cam, cam_aux)
+    assert torch.equal(lower, torch.tensor([[[[0.3, 0.1], [0.5, 0.0]]]]))
+    assert torch.equal(upper, torch.tensor([[[[0.9, 0.6], [0.5, 1.0]]]]))
+    with pytest.raises(ValueError, match="differ in shape"):
+        agreement_pair(cam, cam_aux[..., :1])
+
+
+def test_token_labels_agreement_ignores_where_the_maps_disagree() -> None:
+    # One row of 4 tokens over a 2×8 crop, one class; high 0.75, low 0.25. (final, aux) per token:
+    # (0.9, 0.8): both above high → class 1; (0.9, 0.5): only one above high → ignore (published on aux: ignore,
+    # on final: class 1); (0.1, 0.6): only one at or below low → ignore (published on final: 0);
+    # (0.1, 0.2): both at or below low → 0.
+    final = torch.tensor([[[[0.9, 0.9, 0.1, 0.1]]]])
+    aux = torch.tensor([[[[0.8, 0.5, 0.6, 0.2]]]])
+    box, size = torch.tensor([[0, 2, 0, 8]]), (2, 8)
+    lower, upper = agreement_pair(final, aux)
+    labels = token_labels(lower, box, size, high=0.75, low=0.25, bg_scores=upper)
+    assert torch.equal(labels, torch.tensor([[[1, IGN, IGN, 0]]]))
+    # Without bg_scores the rule is the published one on its single map.
+    assert torch.equal(token_labels(final, box, size, 0.75, 0.25), torch.tensor([[[1, 1, 0, 0]]]))
+    assert torch.equal(
+        token_labels(final, box, size, 0.75, 0.25, bg_scores=final), token_labels(final, box, size, 0.75, 0.25)
+    )
+    with pytest.raises(ValueError, match="background map"):
+        token_labels(lower, box, size, 0.75, 0.25, bg_scores=upper[..., :2])
+
+
 def test_resize_to_tokens_matches_bilinear() -> None:
     cam = torch.rand(2, 3, 16, 16)
     out = resize_to_tokens(cam, (4, 4))
@@ -227,6 +257,18 @@ def test_prototype_labels() -> None:
     cam[0, 1, :, 2] = 0.9  # outside the box → 255
     labels = prototype_labels(cam, torch.tensor([[0, 4, 0, 4]]), (4, 6), bkg_thre=0.5)
     assert torch.equal(labels, torch.tensor([[[0, 3, IGN], [2, 0, IGN]]]))
+
+
+def test_prototype_labels_agreement() -> None:
+    # 1×3 grid over a 2×6 crop, two classes, bkg 0.5. Token 0: both maps above → class 2; token 1: the lower map
+    # is at the threshold, the upper above → ignore (the branches disagree); token 2: both at or below → 0.
+    lower = torch.zeros(1, 2, 1, 3)
+    upper = torch.zeros(1, 2, 1, 3)
+    lower[0, 1] = torch.tensor([0.8, 0.5, 0.2])
+    upper[0, 1] = torch.tensor([0.9, 0.7, 0.5])
+    box = torch.tensor([[0, 2, 0, 6]])
+    assert torch.equal(prototype_labels(lower, box, (2, 6), 0.5, bg_cam=upper), torch.tensor([[[2, IGN, 0]]]))
+    assert torch.equal(prototype_labels(lower, box, (2, 6), 0.5), torch.tensor([[[2, 0, 0]]]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -275,6 +317,26 @@ def test_online_seg_labels_known_answer() -> None:
     assert torch.all(out[0, :12, 12:16] == IGN)
     assert torch.all(out[0, 12:] == IGN)
     assert not (out == 2).any()
+
+
+def test_online_seg_labels_bg_cam_decides_background() -> None:
+    cam, labels = _synthetic_cam()
+    box = torch.tensor([[0, 16, 0, 16]])
+    images01 = torch.rand(1, 3, 16, 16)
+    published = online_seg_labels(cam, labels, images01, box, _identity_par, high=0.75, low=0.25)
+    # bg_cam = cam is the published rule.
+    same = online_seg_labels(cam, labels, images01, box, _identity_par, high=0.75, low=0.25, bg_cam=cam)
+    assert torch.equal(same, published)
+    # A second map that sees class 3 at 0.5 on columns 6-9 (background for cam): no longer background but ignore;
+    # the foreground (from cam, columns 0-5) and the ignore band stay.
+    bg_cam = cam.clone()
+    bg_cam[0, 2, :, 6:10] = 0.5
+    out = online_seg_labels(cam, labels, images01, box, _identity_par, high=0.75, low=0.25, bg_cam=bg_cam)
+    assert torch.all(out[0, :, 0:4] == 1)
+    assert torch.all(out[0, :, 6:16] == IGN)
+    assert torch.all(published[0, :, 7:9] == 0)
+    with pytest.raises(ValueError, match="bg_cam"):
+        online_seg_labels(cam, labels, images01, box, _identity_par, 0.75, 0.25, bg_cam=bg_cam[..., :8])
 
 
 def test_online_seg_labels_batches_images_with_different_classes() -> None:

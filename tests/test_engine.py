@@ -166,3 +166,52 @@ def test_label_cams_are_fp32_unless_asked():
         label_cam_precision("fp16", "bf16")
     with pytest.raises(ValueError, match="views.main"):
         TrainStep(_cfg("views.main=g2"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("agreement", ["none", "background", "both"])
+def test_label_agreement_reaches_every_label_rule(monkeypatch, agreement):
+    """cam.label_agreement reaches PTC, MP2M and the online seg labels: ``none`` hands each rule its published map
+    alone (PTC: CAM_aux, MP2M and seg: CAM), ``background`` adds max(CAM, CAM_aux) for the background test, ``both``
+    also tests foreground on min(CAM, CAM_aux)."""
+    import core.cam as camlib
+    import core.labels as lablib
+
+    seen = {}
+
+    def spy(name, fn, bg_key):
+        def wrapped(*args, **kwargs):
+            seen[name] = (args[0], kwargs.get(bg_key))
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(lablib, name, wrapped)
+
+    spy("token_labels", lablib.token_labels, "bg_scores")
+    spy("prototype_labels", lablib.prototype_labels, "bg_cam")
+    spy("online_seg_labels", lablib.online_seg_labels, "bg_cam")
+    cams = {}
+    original_multiscale = camlib.multiscale_cam
+
+    def record_cams(*args, **kwargs):
+        cams["pair"] = original_multiscale(*args, **kwargs)
+        return cams["pair"]
+
+    monkeypatch.setattr("engine.step.camlib.multiscale_cam", record_cams)
+    cfg = _cfg(f"cam.label_agreement={agreement}")
+    model = _model_with_bank(cfg)
+    batch = _batch(2)
+    TrainStep(cfg, torch.device("cpu"))(model, batch, step=0, generator=torch.Generator().manual_seed(0))
+    mask = batch["label"][:, :, None, None]
+    cam, cam_aux = (c.float() * mask for c in cams["pair"])
+    assert set(seen) == {"token_labels", "prototype_labels", "online_seg_labels"}
+    fg, bg = seen["online_seg_labels"]
+    assert not torch.equal(cam, cam_aux)  # the two branches of an untrained model disagree somewhere
+    if agreement == "none":
+        torch.testing.assert_close(fg, cam)
+        assert all(bg_map is None for _, bg_map in seen.values())
+        return
+    torch.testing.assert_close(fg, torch.minimum(cam, cam_aux) if agreement == "both" else cam)
+    torch.testing.assert_close(bg, torch.maximum(cam, cam_aux))
+    token_fg, token_bg = seen["token_labels"]  # PTC's published map is CAM_aux, at the token grid
+    assert token_bg is not None and torch.all(token_fg <= token_bg)
+    if agreement == "background":
+        assert not torch.equal(token_fg, token_bg)

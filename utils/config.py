@@ -233,6 +233,7 @@ RULES: dict[str, Rule] = {
     "cam.*_thre": UNIT,
     "cam.max_batch": POSITIVE_INT,
     "cam.precision": _choices("fp32", "train"),
+    "cam.label_agreement": _choices("none", "background", "both"),
     "cam.file_dtype": _choices("float16", "uint8"),
     "cam.write_threads": COUNT,
     "par.dilations": _list_of(lambda x: _integer(x) and x > 0, "a non-empty list of positive integers"),
